@@ -1,0 +1,364 @@
+"""SPATIA model configuration: nested dataclasses loaded from YAML.
+
+`load_config("tiny" | "base" | path)` returns a validated `SpatiaConfig`. The packaged configs
+live in `spatia/configs/*.yaml`. A user file may name a packaged config (or another file) under
+`extends:` and override only some keys; keys it leaves out come from that config (default:
+`tiny`). Unknown keys, wrong types and impossible sizes raise `ConfigError` naming the key and
+the file. Every size in the model is a value here, never a constant in code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spatia.errors import ConfigError
+
+PACKAGED_CONFIGS = ("tiny", "base")
+
+
+@dataclass
+class ImageConfig:
+    """ViT-MAE image encoders (cell, niche and tissue images) and their input sizes."""
+
+    cell_size_px: int = 64          # Sc: side of the square cell crop fed to the model
+    niche_size_px: int = 64         # Sn: side of the niche image
+    tissue_size_px: int = 128       # St: side of the tissue-region image
+    channels: int = 1               # image channels (Xenium morphology: 1)
+    patch_size: int = 16
+    hidden_size: int = 128
+    layers: int = 3
+    heads: int = 4
+    mlp_size: int = 512
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-12   # ViTMAE's value, so pretrained weights behave as trained
+    mask_ratio: float = 0.75        # MAE: fraction of patches hidden from the encoder
+    share_encoder: bool = False     # one ViT for all three levels instead of one per level
+    pixel_mean: float = 0.0         # encoder input = (pixels - mean) / std; targets stay in [0, 1]
+    pixel_std: float = 1.0
+
+
+@dataclass
+class GeneConfig:
+    """scPRINT-style gene encoder: gene-ID embedding + value encoder + transformer."""
+
+    dim: int = 128
+    layers: int = 1
+    heads: int = 4
+    mlp_size: int = 512
+    dropout: float = 0.0
+    max_tokens: int = 32            # gene tokens per cell: all nonzero (up to this) + sampled zeros
+    mask_ratio: float = 0.25        # masked gene modelling: share of the selected tokens hidden
+    target_sum: float = 10000.0     # expression = log1p(counts / total_measured * target_sum)
+    max_value: float = 12.0         # normalised values are clipped here before the value encoder
+    freeze_embeddings: bool = False  # freeze the gene-ID embedding (e.g. after loading vectors)
+
+
+@dataclass
+class FusionConfig:
+    """Cell-level image<-gene cross-attention and the final fusion (Eq. 4); `dim` is D."""
+
+    dim: int = 128                  # D: size of every embedding (z, z_cell, z_niche, z_tissue)
+    heads: int = 4
+    mlp_size: int = 512
+    layers: int = 1                 # cross-attention blocks of the cell fusion
+    final_layers: int = 1           # cross-attention blocks of the final fusion (Eq. 4)
+    dropout: float = 0.0
+
+
+@dataclass
+class NicheConfig:
+    """Niche cross-attention (Eq. 5): mean member z_cell attends to niche image tokens."""
+
+    layers: int = 1
+    heads: int = 4
+    mlp_size: int = 512
+    dropout: float = 0.0
+
+
+@dataclass
+class TissueConfig:
+    """Tissue transformer over the grid of niche embeddings + tissue image tokens (Eq. 6)."""
+
+    grid_size: int = 4              # niches per side of a tissue region
+    layers: int = 2
+    heads: int = 4
+    mlp_size: int = 512
+    dropout: float = 0.0
+
+
+@dataclass
+class ImageDecoderConfig:
+    """MAE pixel decoder (one per level), conditioned on the level's embedding."""
+
+    hidden_size: int = 128
+    layers: int = 1
+    heads: int = 4
+    mlp_size: int = 512
+    dropout: float = 0.0
+    norm_pix_loss: bool = False     # per-patch normalised targets (MAE option)
+
+
+@dataclass
+class GeneDecoderConfig:
+    """Gene decoder: learnable gene queries attend to memory tokens made from an embedding."""
+
+    dim: int = 128
+    layers: int = 1
+    heads: int = 4
+    mlp_size: int = 512
+    dropout: float = 0.0
+    memory_tokens: int = 4          # the embedding is expanded into this many memory tokens
+    max_targets: int = 64           # genes predicted per niche / tissue (nonzero first)
+
+
+@dataclass
+class LevelLossWeights:
+    """lambda_cell (image reconstruction) and lambda_gene (masked gene modelling) of one level."""
+
+    image: float = 1.0
+    gene: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    cell: LevelLossWeights = field(default_factory=LevelLossWeights)
+    niche: LevelLossWeights = field(default_factory=LevelLossWeights)
+    tissue: LevelLossWeights = field(default_factory=LevelLossWeights)
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and batch composition (read by the trainer and by `synthetic_batch`)."""
+
+    lr: float = 1e-3                # AdamW, as in the paper (appendix C)
+    weight_decay: float = 0.05
+    tissues_per_batch: int = 2      # tissue regions per localised batch (all their niches)
+    cells_per_tissue: int = 64      # cells sampled per tissue region: 2 x 64 = 128 cells
+
+
+@dataclass
+class SpatiaConfig:
+    """Everything that sizes the SPATIA model. `name` is the packaged name or the file path."""
+
+    name: str = "tiny"
+    image: ImageConfig = field(default_factory=ImageConfig)
+    gene: GeneConfig = field(default_factory=GeneConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    niche: NicheConfig = field(default_factory=NicheConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    image_decoder: ImageDecoderConfig = field(default_factory=ImageDecoderConfig)
+    gene_decoder: GeneDecoderConfig = field(default_factory=GeneDecoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-ready), e.g. for run records and checkpoints."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text that `load_config` reads back unchanged."""
+        data = self.to_dict()
+        data.pop("name")
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+def packaged_config_path(name: str) -> Path:
+    """Path of a packaged config (`tiny` or `base`)."""
+    return Path(str(resources.files("spatia") / "configs" / f"{name}.yaml"))
+
+
+def load_config(name_or_path: str | Path) -> SpatiaConfig:
+    """Load and validate a config: a packaged name (`tiny`, `base`) or a YAML file path."""
+    return _load(name_or_path, seen=())
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> SpatiaConfig:
+    """Build a validated config from a nested dict (e.g. one stored in a checkpoint).
+
+    Keys left out take the `SpatiaConfig()` defaults (the tiny values); `extends` is honoured.
+    """
+    data = dict(data)
+    base = _load(data.pop("extends"), seen=(source,)) if "extends" in data else SpatiaConfig()
+    name = data.pop("name", source)
+    config = _merge(base, data, prefix="", source=source)
+    config.name = str(name)
+    validate_config(config, source=source)
+    return config
+
+
+def _load(name_or_path: str | Path, seen: tuple[str, ...]) -> SpatiaConfig:
+    text_name = str(name_or_path)
+    if text_name in PACKAGED_CONFIGS:
+        path = packaged_config_path(text_name)
+        display = text_name
+    else:
+        path = Path(name_or_path).expanduser()
+        display = str(path)
+        if not path.is_file():
+            raise ConfigError(
+                "config file not found",
+                path=path,
+                fix=f"give one of the packaged configs ({', '.join(PACKAGED_CONFIGS)}) or the path "
+                "of an existing YAML file",
+            )
+    if display in seen:
+        raise ConfigError(f"'extends' chain loops back to {display}", path=seen[-1],
+                          fix="remove the circular 'extends'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"not valid YAML ({error})", path=path, fix="correct the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError("a config file must be a mapping of sections", path=path,
+                          fix="start from a copy of the packaged tiny.yaml")
+    if "extends" in data:
+        parent = data.pop("extends")
+        if not isinstance(parent, str):
+            raise ConfigError("'extends' must be a config name or a path", path=path,
+                              fix="write e.g. 'extends: tiny'")
+        if parent not in PACKAGED_CONFIGS and not Path(parent).is_absolute():
+            parent = str(path.parent / parent)
+        base = _load(parent, seen=(*seen, display))
+    elif text_name in PACKAGED_CONFIGS:
+        base = SpatiaConfig()
+    else:
+        base = _load("tiny", seen=(*seen, display))
+    config = _merge(base, data, prefix="", source=str(path))
+    config.name = display
+    validate_config(config, source=str(path))
+    return config
+
+
+def _merge(base: Any, data: dict[str, Any], *, prefix: str, source: str) -> Any:
+    """Return a copy of dataclass `base` with `data` applied, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.')}' must be a mapping of keys", path=source,
+                          fix="indent its keys under it")
+    fields = {f.name: f for f in dataclasses.fields(base) if f.name != "name"}
+    hints = typing.get_type_hints(type(base))
+    updates: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(
+                f"unknown key '{dotted}'",
+                path=source,
+                fix=f"valid keys here: {', '.join(sorted(fields))}",
+            )
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current):
+            updates[key] = _merge(current, value, prefix=f"{dotted}.", source=source)
+        else:
+            updates[key] = _coerce(value, hints[key], dotted, source)
+    return dataclasses.replace(base, **updates)
+
+
+def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+    elif int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif str in allowed and isinstance(value, str):
+        return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"'{dotted}' must be {names}, not {value!r}", path=source,
+                      fix=f"set '{dotted}' to a {names} value")
+
+
+def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
+    """Check sizes that must agree with each other; raise `ConfigError` naming the key."""
+
+    def fail(key: str, problem: str, fix: str) -> None:
+        raise ConfigError(f"'{key}' {problem}", path=source, fix=fix)
+
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            fail(key, f"must be positive, not {value}", f"set '{key}' to a value above 0")
+
+    def ratio(key: str, value: float, upper_inclusive: bool = False) -> None:
+        if not (0.0 <= value < 1.0 or (upper_inclusive and value == 1.0)):
+            fail(key, f"must lie in [0, 1), not {value}", f"set '{key}' to e.g. 0.25")
+
+    im = config.image
+    for key in ("cell_size_px", "niche_size_px", "tissue_size_px"):
+        size = getattr(im, key)
+        positive(f"image.{key}", size)
+        if size % im.patch_size:
+            fail(f"image.{key}", f"({size}) is not a multiple of image.patch_size ({im.patch_size})",
+                 "choose sizes that are multiples of the patch size")
+    sections = {
+        "image": (im.hidden_size, im.heads, im.layers, im.mlp_size, im.dropout),
+        "gene": (config.gene.dim, config.gene.heads, config.gene.layers, config.gene.mlp_size,
+                 config.gene.dropout),
+        "fusion": (config.fusion.dim, config.fusion.heads, config.fusion.layers,
+                   config.fusion.mlp_size, config.fusion.dropout),
+        "niche": (config.fusion.dim, config.niche.heads, config.niche.layers, config.niche.mlp_size,
+                  config.niche.dropout),
+        "tissue": (config.fusion.dim, config.tissue.heads, config.tissue.layers,
+                   config.tissue.mlp_size, config.tissue.dropout),
+        "image_decoder": (config.image_decoder.hidden_size, config.image_decoder.heads,
+                          config.image_decoder.layers, config.image_decoder.mlp_size,
+                          config.image_decoder.dropout),
+        "gene_decoder": (config.gene_decoder.dim, config.gene_decoder.heads,
+                         config.gene_decoder.layers, config.gene_decoder.mlp_size,
+                         config.gene_decoder.dropout),
+    }
+    for section, (dim, heads, layers, mlp, dropout) in sections.items():
+        positive(f"{section}.heads", heads)
+        positive(f"{section}.mlp_size", mlp)
+        if layers < 1:
+            fail(f"{section}.layers", f"must be at least 1, not {layers}", f"set '{section}.layers' >= 1")
+        dim_key = {"niche": "fusion.dim", "tissue": "fusion.dim"}.get(section, f"{section}.dim")
+        if section in ("image", "image_decoder"):
+            dim_key = f"{section}.hidden_size"
+        positive(dim_key, dim)
+        if dim % heads:
+            fail(f"{section}.heads", f"({heads}) does not divide {dim_key} ({dim})",
+                 "choose a head count that divides the width")
+        ratio(f"{section}.dropout", dropout)
+    for key, dim in (("image.hidden_size", im.hidden_size),
+                     ("image_decoder.hidden_size", config.image_decoder.hidden_size),
+                     ("fusion.dim", config.fusion.dim)):
+        if dim % 4:
+            fail(key, f"({dim}) must be a multiple of 4 (2-D sine-cosine positions)",
+                 "choose a multiple of 4")
+    if config.fusion.final_layers < 1:
+        fail("fusion.final_layers", "must be at least 1", "set it to 1 or more")
+    ratio("image.mask_ratio", im.mask_ratio)
+    ratio("gene.mask_ratio", config.gene.mask_ratio)
+    positive("image.channels", im.channels)
+    positive("image.pixel_std", im.pixel_std)
+    positive("gene.max_tokens", config.gene.max_tokens)
+    positive("gene.target_sum", config.gene.target_sum)
+    positive("gene.max_value", config.gene.max_value)
+    positive("gene_decoder.memory_tokens", config.gene_decoder.memory_tokens)
+    positive("gene_decoder.max_targets", config.gene_decoder.max_targets)
+    positive("tissue.grid_size", config.tissue.grid_size)
+    positive("train.lr", config.train.lr)
+    positive("train.tissues_per_batch", config.train.tissues_per_batch)
+    positive("train.cells_per_tissue", config.train.cells_per_tissue)
+    if config.train.weight_decay < 0:
+        fail("train.weight_decay", "must be 0 or more", "set it to e.g. 0.05")
+    for level in ("cell", "niche", "tissue"):
+        weights = getattr(config.loss, level)
+        for key in ("image", "gene"):
+            if getattr(weights, key) < 0:
+                fail(f"loss.{level}.{key}", "must be 0 or more", "set the weight to 0 to switch it off")

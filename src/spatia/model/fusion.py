@@ -1,0 +1,76 @@
+"""Cell-level image-gene fusion (section 4.1) and the final multi-scale fusion (Eq. 4).
+
+Cell fusion: `z_cell = pool(CrossAttn(Q = X_c, K = V = X_g))` with the image tokens X_c as
+queries and the gene tokens X_g as keys/values. A learned "no gene" key/value token is always
+present, so attention is defined for cells without gene tokens (gene modality withheld, or a
+cell with no measured genes): such cells attend only to that token.
+
+Final fusion (Eq. 4): each cell's z_cell attends to [z_cell, z_niche, z_tissue] of its own
+niche and tissue (whichever levels ran), giving the unified embedding z.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spatia.model.config import FusionConfig
+from spatia.model.layers import CrossAttentionBlock
+
+
+class CellFusion(nn.Module):
+    """forward(image_tokens (B, Lq, image_dim), gene_tokens (B, Lg, gene_dim), gene_valid (B, Lg))
+    -> fused tokens (B, Lq, D), z_cell (B, D)."""
+
+    def __init__(self, cfg: FusionConfig, image_dim: int, gene_dim: int):
+        super().__init__()
+        self.query_proj = nn.Linear(image_dim, cfg.dim)
+        self.null_kv = nn.Parameter(torch.zeros(1, 1, gene_dim))
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(cfg.dim, gene_dim, cfg.heads, cfg.mlp_size, cfg.dropout)
+            for _ in range(cfg.layers)
+        )
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.null_kv, std=0.02)
+
+    def forward(self, image_tokens: torch.Tensor, gene_tokens: torch.Tensor, gene_valid: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = image_tokens.shape[0]
+        kv = torch.cat([self.null_kv.expand(b, -1, -1), gene_tokens], dim=1)
+        valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=kv.device), gene_valid], dim=1)
+        q = self.query_proj(image_tokens)
+        for block in self.blocks:
+            q = block(q, kv, valid)
+        fused = self.norm(q)
+        return fused, fused.mean(dim=1)
+
+
+class FinalFusion(nn.Module):
+    """Eq. 4. forward(z_cell (B, D), z_niche (B, D) | None, z_tissue (B, D) | None) -> z (B, D).
+
+    Keys carry a learned level embedding (cell / niche / tissue) so the attention can tell the
+    scales apart.
+    """
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.level_embedding = nn.Parameter(torch.zeros(3, cfg.dim))
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(cfg.dim, cfg.dim, cfg.heads, cfg.mlp_size, cfg.dropout)
+            for _ in range(cfg.final_layers)
+        )
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.level_embedding, std=0.02)
+
+    def forward(self, z_cell: torch.Tensor, z_niche: torch.Tensor | None = None,
+                z_tissue: torch.Tensor | None = None) -> torch.Tensor:
+        levels = [z for z in (z_cell, z_niche, z_tissue) if z is not None]
+        kv = torch.stack(levels, dim=1) + self.level_embedding[: len(levels)]
+        q = z_cell[:, None, :]
+        for block in self.blocks:
+            q = block(q, kv)
+        return self.norm(q[:, 0])

@@ -1,0 +1,250 @@
+"""SpatiaModel forward pass at tiny size: shapes, MAE masking, gene panel, modalities, levels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spatia.errors import ConfigError, DatasetError
+from spatia.model import BatchSizes, SpatiaModel, load_config, synthetic_batch, synthetic_gene_symbols
+from spatia.model.decoders import image_loss
+from spatia.model.gene import normalize_counts, select_genes, split_masked
+from spatia.model.image import random_patch_mask
+
+N_GENES = 120
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine, 2 threads per test process thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    torch.manual_seed(0)
+    return SpatiaModel(config, synthetic_gene_symbols(N_GENES))
+
+
+@pytest.fixture()
+def batch(config):
+    return synthetic_batch(config, BatchSizes(n_tissues=2, cells_per_tissue=32, n_genes=N_GENES), seed=3)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_output_shapes(model, batch, config):
+    b, bn, bt = len(batch["cell_id"]), len(batch["niche_id"]), len(batch["tissue_id"])
+    d = config.fusion.dim
+    out = model(batch, generator=gen())
+    for name in ("z", "z_cell", "z_niche", "z_tissue"):
+        assert getattr(out, name).shape == (b, d), name
+        assert torch.isfinite(getattr(out, name)).all()
+    assert out.niche_embeddings.shape == (bn, d)
+    assert out.niche_tissue_embeddings.shape == (bn, d)
+    assert out.tissue_embeddings.shape == (bt, d)
+    expected = {f"{lv}/{kind}" for lv in ("cell", "niche", "tissue") for kind in ("image", "gene")} | {"total"}
+    assert set(out.losses) == expected
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in out.losses.values())
+    for level, n, side in (("cell", b, 64), ("niche", bn, 64), ("tissue", bt, 128)):
+        rec = out.reconstructions[level]
+        assert rec.image.shape == (n, 1, side, side)
+        assert rec.patch_masked.shape == (n, (side // 16) ** 2)
+        assert rec.gene_pred.shape == rec.gene_target.shape == rec.gene_index.shape == rec.gene_valid.shape
+        assert rec.gene_pred.shape[0] == n
+    # total is the weighted sum (all weights 1 in tiny)
+    parts = sum(v for k, v in out.losses.items() if k != "total")
+    assert torch.allclose(out.losses["total"], parts)
+
+
+def test_mask_ratio_respected(model, batch):
+    out = model(batch, generator=gen())
+    for level in ("cell", "niche", "tissue"):
+        masked = out.reconstructions[level].patch_masked
+        per_image = masked.sum(dim=1)
+        n_patches = masked.shape[1]
+        assert (per_image == n_patches - int(n_patches * 0.25)).all()
+    keep, masked = random_patch_mask(5, 64, 0.75, generator=gen())
+    assert keep.shape == (5, 16) and masked.sum() == 5 * 48
+    assert not torch.gather(masked, 1, keep).any()
+
+
+def test_image_loss_counts_only_masked_patches():
+    torch.manual_seed(0)
+    images = torch.rand(3, 1, 32, 32)
+    target = images.reshape(3, 1, 2, 16, 2, 16).permute(0, 2, 4, 1, 3, 5).reshape(3, 4, 256)
+    masked = torch.tensor([[True, False, False, True]] * 3)
+    pred = target.clone()
+    pred[~masked] += 5.0  # wrong only on visible patches
+    assert image_loss(pred, images, masked, 16).item() == pytest.approx(0.0, abs=1e-7)
+    pred = target.clone()
+    pred[masked] += 0.5
+    assert image_loss(pred, images, masked, 16).item() == pytest.approx(0.25, rel=1e-5)
+
+
+def test_masked_pixels_do_not_reach_visible_tokens(model, batch):
+    out = model(batch, generator=gen(7))
+    masked = out.reconstructions["cell"].patch_masked          # (B, 16) row-major 4 x 4 patches
+    pixel_mask = masked.reshape(-1, 1, 4, 1, 4, 1).expand(-1, 1, 4, 16, 4, 16).reshape(-1, 1, 64, 64)
+    noisy = dict(batch)
+    noisy["cell_image"] = torch.where(pixel_mask, torch.rand_like(batch["cell_image"]), batch["cell_image"])
+    again = model(noisy, generator=gen(7))
+    assert torch.equal(again.reconstructions["cell"].patch_masked, masked)
+    assert torch.allclose(again.z_cell, out.z_cell, atol=1e-6)
+    assert torch.allclose(again.z, out.z, atol=1e-6)
+    assert not torch.allclose(again.losses["cell/image"], out.losses["cell/image"])  # targets changed
+    # the check can fail: changing visible pixels does change the encoding
+    visible_noise = dict(batch)
+    visible_noise["cell_image"] = torch.where(~pixel_mask, torch.rand_like(batch["cell_image"]), batch["cell_image"])
+    assert not torch.allclose(model(visible_noise, generator=gen(7)).z_cell, out.z_cell, atol=1e-4)
+
+
+def test_unmeasured_genes_change_nothing(model, batch):
+    out = model(batch, generator=gen(11))
+    changed = dict(batch)
+    for level in ("cell", "niche", "tissue"):
+        counts, measured = batch[f"{level}_counts"], batch[f"{level}_gene_measured"]
+        assert (~measured).any()
+        junk = torch.poisson(torch.full_like(counts, 50.0))
+        changed[f"{level}_counts"] = torch.where(measured, counts, junk)
+    again = model(changed, generator=gen(11))
+    for name in ("z", "z_cell", "z_niche", "z_tissue"):
+        assert torch.equal(getattr(again, name), getattr(out, name)), name
+    for key, value in out.losses.items():
+        assert torch.equal(again.losses[key], value), key
+    for level in ("cell", "niche", "tissue"):
+        rec = out.reconstructions[level]
+        measured = batch[f"{level}_gene_measured"]
+        rows = torch.arange(measured.shape[0])[:, None].expand_as(rec.gene_index)
+        assert measured[rows[rec.gene_valid], rec.gene_index[rec.gene_valid]].all()
+    # the check can fail: measured genes do matter
+    measured_change = dict(batch)
+    measured_change["cell_counts"] = batch["cell_counts"] * 3 + 1
+    assert not torch.allclose(model(measured_change, generator=gen(11)).z_cell, out.z_cell)
+
+
+def test_gene_selection_and_masking():
+    counts = torch.tensor([[5.0, 0, 0, 3, 0, 0, 9, 0], [0, 0, 0, 0, 0, 0, 0, 0]])
+    measured = torch.tensor([[1, 1, 1, 1, 0, 0, 1, 1], [1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    counts[0, 4] = 100.0  # unmeasured
+    values = normalize_counts(counts, measured, 100.0)
+    assert values[0, 4] == 0 and torch.allclose(values[0, 6], torch.log1p(torch.tensor(9 / 17 * 100)))
+    priority = torch.linspace(0, 0.9, 8)
+    sel = select_genes(values, measured, 4, randomize=False, zero_priority=priority)
+    assert sel.index[0].tolist() == [6, 0, 3, 7]   # expression order, then zeros by priority
+    assert sel.valid.tolist() == [[True] * 4, [True, True, False, False]]
+    for seed in range(5):
+        sel = select_genes(values, measured, 4, randomize=True, zero_priority=priority, generator=gen(seed))
+        chosen = set(sel.index[0].tolist())
+        assert {0, 3, 6} <= chosen and 4 not in chosen and 5 not in chosen
+        kept, masked = split_masked(sel, 0.5, generator=gen(seed))
+        assert kept.valid.sum(1).tolist() == [2, 1] and masked.valid.sum(1).tolist() == [2, 1]
+        row0 = set(kept.index[0][kept.valid[0]].tolist()) | set(masked.index[0][masked.valid[0]].tolist())
+        assert row0 == chosen
+
+
+def test_image_only_embedding_ignores_genes(model, batch):
+    emb = model.embed(batch, modality="image")
+    changed = dict(batch)
+    changed["cell_counts"] = torch.poisson(torch.full_like(batch["cell_counts"], 7.0))
+    changed["cell_gene_measured"] = torch.ones_like(batch["cell_gene_measured"])
+    again = model.embed(changed, modality="image")
+    for name in ("z", "z_cell", "z_niche", "z_tissue"):
+        assert torch.equal(getattr(again, name), getattr(emb, name)), name
+    assert not torch.allclose(model.embed(changed).z_cell, model.embed(batch).z_cell)
+
+
+def test_gene_only_embedding_ignores_images(model, batch):
+    emb = model.embed(batch, modality="gene")
+    changed = dict(batch)
+    for level in ("cell", "niche", "tissue"):
+        changed[f"{level}_image"] = torch.rand_like(batch[f"{level}_image"])
+    again = model.embed(changed, modality="gene")
+    for name in ("z", "z_cell", "z_niche", "z_tissue"):
+        assert torch.equal(getattr(again, name), getattr(emb, name)), name
+    assert not torch.allclose(model.embed(changed).z_cell, model.embed(batch).z_cell)
+
+
+def test_withheld_modality_becomes_the_target(model, batch):
+    out = model(batch, modality="image", generator=gen())
+    rec = out.reconstructions["cell"]
+    cap = model.config.gene.max_tokens
+    assert (rec.gene_valid.sum(1) == torch.clamp(batch["cell_gene_measured"].sum(1), max=cap)).all()
+    out = model(batch, modality="gene", generator=gen())
+    assert out.reconstructions["cell"].patch_masked.all()
+
+
+def test_embed_is_deterministic_and_restores_mode(model, batch):
+    model.train()
+    a, b = model.embed(batch), model.embed(batch)
+    assert model.training
+    assert torch.equal(a.z, b.z) and a.losses == {}
+
+
+def test_levels_select_the_stage(model, config, batch):
+    cell_only = {k: v for k, v in batch.items() if k.startswith("cell_")}
+    out = model(cell_only, levels=("cell",), generator=gen())
+    assert out.z_niche is None and out.z_tissue is None
+    assert set(out.losses) == {"cell/image", "cell/gene", "total"}
+    out = model(batch, levels=("cell", "niche"), generator=gen())
+    assert out.z_niche is not None and out.z_tissue is None
+    with pytest.raises(ValueError):
+        model(batch, levels=("cell", "tissue"))
+    with pytest.raises(ValueError):
+        model(batch, modality="text")
+
+
+def test_empty_niche_uses_its_image_only(model, batch):
+    counts = torch.bincount(batch["cell_niche_index"], minlength=len(batch["niche_id"]))
+    empty = (counts == 0).nonzero()[:, 0]
+    assert len(empty) > 0
+    emb = model.embed(batch, levels=("cell", "niche"))
+    changed = dict(batch)
+    changed["cell_image"] = torch.rand_like(batch["cell_image"])
+    again = model.embed(changed, levels=("cell", "niche"))
+    assert torch.allclose(again.niche_embeddings[empty], emb.niche_embeddings[empty], atol=1e-6)
+    full = (counts > 0).nonzero()[:, 0]
+    assert not torch.allclose(again.niche_embeddings[full], emb.niche_embeddings[full], atol=1e-4)
+
+
+def test_zero_loss_weight_skips_decoder(config, batch):
+    import dataclasses
+
+    loss = dataclasses.replace(config.loss, niche=dataclasses.replace(config.loss.niche, image=0.0))
+    model = SpatiaModel(dataclasses.replace(config, loss=loss), synthetic_gene_symbols(N_GENES))
+    out = model(batch, generator=gen())
+    assert "niche/image" not in out.losses and "niche/gene" in out.losses
+
+
+def test_parameter_groups_partition_the_model(model):
+    groups = model.parameter_groups()
+    ids = [id(p) for params in groups.values() for p in params]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_batch_mismatch_errors(model, batch, config):
+    wrong = dict(batch)
+    wrong["cell_image"] = torch.zeros(len(batch["cell_id"]), 1, 32, 32)
+    with pytest.raises(ConfigError, match="cell_size_px"):
+        model(wrong)
+    wrong = dict(batch)
+    wrong["cell_counts"] = batch["cell_counts"][:, :10]
+    with pytest.raises(DatasetError, match="vocabulary"):
+        model(wrong)
+    wrong = dict(batch)
+    wrong["cell_niche_index"] = batch["cell_niche_index"] + 1000
+    with pytest.raises(DatasetError, match="cell_niche_index"):
+        model(wrong)
+    wrong = {k: v for k, v in batch.items() if not k.startswith("tissue_")}
+    with pytest.raises(DatasetError, match="tissue"):
+        model(wrong)
