@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/spatia demo --out demo_output
 
+# Two xdist workers on two cores, one BLAS/torch thread each (oversubscribed threads run ~10x slower).
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 clean:
 	rm -rf $(VENV) demo_output
