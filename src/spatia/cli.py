@@ -135,3 +135,256 @@ def info(
     for name, value in rows:
         table.add_row(name, str(value))
     out.print(table)
+
+
+# --- io: spatia simulate ---------------------------------------------------------------------
+
+
+@app.command("simulate")
+def simulate(
+    out: Annotated[Path, typer.Argument(help="Output folder for the simulated Xenium bundle (must not exist).")],
+    cells: Annotated[int, typer.Option("--cells", help="Number of cells.")] = 20_000,
+    genes: Annotated[int, typer.Option("--genes", help="Gene panel size (negative controls come on top).")] = 300,
+    layout: Annotated[
+        str, typer.Option("--layout", help="v1: morphology_focus.ome.tif; v2: morphology_focus/ per-channel files.")
+    ] = "v1",
+    z_planes: Annotated[
+        int, typer.Option("--z-planes", help="Also write a morphology.ome.tif z-stack with this many planes (0: none).")
+    ] = 0,
+    seed: SeedOption = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Simulate a tissue section with known ground truth and write it as a Xenium bundle.
+
+    Besides the Xenium files, OUT holds ground_truth.parquet (one row per cell) and ground_truth.json.
+
+    ground_truth.json is the designed world: domains, states, transitions, DE genes, morphology shifts.
+
+    OUT is built under a temporary name and renamed when complete; an existing OUT is never overwritten.
+    """
+    from spatia.io.simulate import SimulationConfig, simulate_bundle
+
+    configure(quiet)
+    config = SimulationConfig(n_cells=cells, n_genes=genes, layout=layout, z_planes=z_planes)  # type: ignore[arg-type]
+    result = simulate_bundle(out, config, seed=seed)
+    console.print(
+        f"wrote {result.path}: {result.n_cells:,} cells, {result.n_genes} genes, "
+        f"{result.width_px} x {result.height_px} px, layout {result.layout}"
+        + (f", {result.z_planes} z planes" if result.z_planes else ""),
+        highlight=False,
+    )
+
+
+# --- mist: spatia build, spatia dataset-info -------------------------------------------------
+
+
+def _parse_fractions(text: str) -> tuple[float, float, float]:
+    from spatia.errors import ConfigError
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise ConfigError(f"--split-fractions {text!r} is not three numbers", fix="use e.g. --split-fractions 0.8,0.1,0.1")
+    return values  # type: ignore[return-value]
+
+
+def _parse_slide_splits(items: list[str]) -> dict[str, str]:
+    from spatia.errors import ConfigError
+
+    out = {}
+    for item in items:
+        slide, sep, split = item.rpartition("=")
+        if not sep or not slide:
+            raise ConfigError(f"--slide-split {item!r} is not SLIDE_ID=SPLIT", fix="use e.g. --slide-split donor7_region1=test")
+        out[slide] = split
+    return out
+
+
+@app.command("build")
+def build(
+    bundles: Annotated[list[Path], typer.Argument(help="Xenium output folders, one per slide.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Dataset directory: new, or an interrupted build of the same inputs (resumed).")
+    ],
+    preset: Annotated[str, typer.Option("--preset", help="cpu (crop 64, niche 64, tissue 128 px) or paper (224 px each).")] = "cpu",
+    cell_size: Annotated[int | None, typer.Option("--cell-size", help="Cell crop side in px (overrides the preset).")] = None,
+    niche_size: Annotated[int | None, typer.Option("--niche-image-size", help="Stored niche image side in px.")] = None,
+    tissue_size: Annotated[int | None, typer.Option("--tissue-image-size", help="Stored tissue-region image side in px.")] = None,
+    scale_percentile: Annotated[
+        float | None, typer.Option("--scale-percentile", help="Percentile of cell sizes that fills the crop (paper: 100).")
+    ] = None,
+    min_counts: Annotated[int | None, typer.Option("--min-counts", help="Skip cells with fewer counts (default 1).")] = None,
+    channel: Annotated[int | None, typer.Option("--channel", help="Morphology image channel (0 = DAPI).")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="blocks (spatial blocks in each slide) or slides.")] = None,
+    split_fractions: Annotated[str | None, typer.Option("--split-fractions", help="train,val,test fractions.")] = None,
+    split_block_tissues: Annotated[
+        int | None, typer.Option("--split-block-tissues", help="Split block side in 1024 px tissue regions.")
+    ] = None,
+    split_buffer_um: Annotated[
+        float | None, typer.Option("--split-buffer-um", help="Train cells this close to val/test blocks become 'buffer'.")
+    ] = None,
+    slide_split: Annotated[
+        list[str] | None, typer.Option("--slide-split", help="SLIDE_ID=train|val|test (repeatable; --split slides).")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes rendering chunks (0: in this process).")] = 0,
+    seed: SeedOption = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Build a MIST dataset (cells, 256 px niches, 1024 px tissue regions) from Xenium bundles.
+
+    Writes LMDB stores, Parquet indexes and manifest.json into OUT; manifest.json comes last
+    and marks the dataset complete. Rerun the same command to resume an interrupted build.
+    """
+    from rich.table import Table
+
+    from spatia.mist import BuildConfig, build_dataset
+
+    configure(quiet)
+    if workers < 0:
+        from spatia.errors import ConfigError
+
+        raise ConfigError(f"--workers {workers} is negative", fix="use 0 (in this process) or a positive number")
+    config = BuildConfig.from_preset(
+        preset,
+        cell_image_px=cell_size,
+        niche_image_px=niche_size,
+        tissue_image_px=tissue_size,
+        scale_percentile=scale_percentile,
+        min_counts=min_counts,
+        image_channel=channel,
+        split_mode=split,
+        split_fractions=_parse_fractions(split_fractions) if split_fractions else None,
+        split_block_tissues=split_block_tissues,
+        split_buffer_um=split_buffer_um,
+        slide_splits=_parse_slide_splits(slide_split) if slide_split else None,
+    )
+    summary = build_dataset(bundles, out, config, seed=seed, workers=workers)
+    if quiet:
+        return
+    table = Table(title=f"MIST dataset {summary.path}", show_header=False)
+    table.add_row("slides / genes", f"{summary.n_slides} / {summary.n_genes}")
+    table.add_row("records", f"{summary.n_cells:,} cells, {summary.n_niches:,} niches, {summary.n_tissues:,} tissue regions")
+    skipped = {k: v for k, v in summary.skipped.items() if v}
+    table.add_row("skipped cells", ", ".join(f"{k}: {v:,}" for k, v in skipped.items()) or "none")
+    repaired = {k: v for k, v in summary.repaired.items() if v}
+    table.add_row("repaired polygons", ", ".join(f"{k}: {v:,}" for k, v in repaired.items()) or "none")
+    table.add_row("clipped by the crop scale", f"{summary.n_clipped:,} cells")
+    table.add_row("splits (cells)", ", ".join(f"{k}: {v:,}" for k, v in summary.splits.get("cell", {}).items()))
+    table.add_row("chunks", f"{summary.chunks_rendered} rendered, {summary.chunks_resumed} resumed")
+    table.add_row("time", f"{summary.seconds:.1f} s ({summary.cells_per_second:,.0f} cells/s)")
+    console.print(table)
+
+
+@app.command("dataset-info")
+def dataset_info_command(
+    dataset: Annotated[Path, typer.Argument(help="A MIST dataset directory written by `spatia build`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Summarise a MIST dataset: levels, image sizes, slides, splits, skipped cells, disk use."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from spatia.mist.info import dataset_info
+
+    info = dataset_info(dataset)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    out = Console()
+    table = Table(title=f"MIST dataset {info['path']}", show_header=False)
+    table.add_row("format", f"{info['format']}, preset {info['preset']}, seed {info['seed']}, built {info['created_utc']}")
+    table.add_row("genes", f"{info['n_genes']:,}")
+    for level, entry in info["levels"].items():
+        splits = ", ".join(f"{k}: {v:,}" for k, v in entry["splits"].items())
+        table.add_row(
+            f"{level} level",
+            f"{entry['n_records']:,} records, {entry['image_px']} px images, "
+            f"{entry['store_bytes'] / 2**20:,.1f} MiB; splits {splits}",
+        )
+    table.add_row("skipped cells", ", ".join(f"{k}: {v:,}" for k, v in info["skipped"].items() if v) or "none")
+    table.add_row("repaired polygons", ", ".join(f"{k}: {v:,}" for k, v in info["repaired"].items() if v) or "none")
+    for slide in info["slides"]:
+        table.add_row(
+            f"slide {slide['slide_id']}",
+            f"{slide['n_cells']:,} of {slide['n_cells_input']:,} cells, {slide['n_niches']:,} niches, "
+            f"{slide['n_tissues']:,} regions, {slide['n_genes_measured']} genes, scale {slide['scale_factor']:.3f} "
+            f"({slide['n_clipped']} clipped), intensity {slide['intensity_range'][0]:.0f}..{slide['intensity_range'][1]:.0f}",
+        )
+    table.add_row("size on disk", f"{info['total_bytes'] / 2**20:,.1f} MiB")
+    out.print(table)
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+
+
+@app.command("evaluate")
+def evaluate_command(
+    cells: Annotated[Path, typer.Argument(help="AnnData (.h5ad): raw counts, labels, obsm['spatial'] in um, X_spatia* embeddings.")],
+    labels: Annotated[str, typer.Option("--labels", "-l", help="obs column with the cell labels.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report directory to create (must not exist).")],
+    split: Annotated[str | None, typer.Option("--split", help="obs column with train/test(/buffer); default: spatial blocks.")] = None,
+    slide: Annotated[str | None, typer.Option("--slide", help="obs column naming each cell's slide (blocks never span slides).")] = None,
+    mist: Annotated[Path | None, typer.Option("--mist", help="MIST dataset directory: its cell crops feed the morphology baseline.")] = None,
+    crops: Annotated[Path | None, typer.Option("--crops", help=".npz with images, masks, cell_id for the morphology baseline.")] = None,
+    embedding: Annotated[list[str] | None, typer.Option("--embedding", "-e", help="obsm key to score (repeatable); default: every X_spatia* key.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="annotation, clustering, expression, imputation (repeatable); default: all.")] = None,
+    n_seeds: Annotated[int | None, typer.Option("--n-seeds", help="Seeds per stochastic model (default 3).")] = None,
+    max_cells: Annotated[int | None, typer.Option("--max-cells", help="Evaluate a seeded random subset of this many cells.")] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="YAML file of EvaluateConfig settings; options given here win.")] = None,
+    layout: Annotated[str | None, typer.Option("--layout", help="2-D layout figure: umap (default), pca (fast) or none.")] = None,
+    n_jobs: Annotated[int | None, typer.Option("--n-jobs", help="Threads for XGBoost/BLAS (default 1).")] = None,
+    seed: SeedOption = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Score SPATIA embeddings and baselines (annotation, clustering, expression from morphology,
+    imputation) on one spatially disjoint split; write metrics.json, report.md and report.html."""
+    configure(quiet)
+    import yaml
+
+    from spatia.errors import ConfigError, InputDataError
+    from spatia.evaluate import EvaluateConfig, crops_from_mist, evaluate, load_crops_npz, write_report
+    from spatia.outputs import refuse_existing, write_run_record
+
+    refuse_existing(out, what="report directory")
+    if mist is not None and crops is not None:
+        raise ConfigError("both --mist and --crops were given", fix="give one source of crops")
+    values: dict = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"cannot read the evaluate config: {error}", path=config_file,
+                              fix="give a YAML mapping of EvaluateConfig settings") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("the evaluate config is not a YAML mapping", path=config_file,
+                              fix="write key: value lines, e.g. n_seeds: 3")
+        values.update(loaded)
+    overrides = {"labels": labels, "split": split, "slide": slide, "n_seeds": n_seeds, "max_cells": max_cells,
+                 "layout": layout,
+                 "n_jobs": n_jobs, "embeddings": tuple(embedding) if embedding else None,
+                 "tasks": tuple(task) if task else None}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["seed"] = seed
+    config = EvaluateConfig.from_mapping(values, path=config_file)
+
+    if not cells.exists():
+        raise InputDataError("the AnnData file does not exist", path=cells, fix="give the .h5ad written by `spatia embed`")
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(cells)
+    except Exception as error:  # h5py/anndata raise many types for a bad file
+        raise InputDataError(f"cannot read the AnnData: {error}", path=cells, fix="give a valid .h5ad file") from None
+    cell_crops = None
+    if crops is not None:
+        cell_crops = load_crops_npz(crops)
+    elif mist is not None:
+        cell_crops = crops_from_mist(mist, adata.obs_names.to_numpy().astype(str))
+    results = evaluate(adata, config, crops=cell_crops)
+    write_report(results, out)
+    write_run_record(out, "evaluate", config, seed)
+    console.print(f"evaluation report written to {out} (metrics.json, report.md, report.html)")
