@@ -388,3 +388,24 @@ def evaluate_command(
     write_report(results, out)
     write_run_record(out, "evaluate", config, seed)
     console.print(f"evaluation report written to {out} (metrics.json, report.md, report.html)")
+
+
+# --- demo: the whole pipeline on a simulated bundle ------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist).")] = Path("demo_output"),
+    cells: Annotated[int, typer.Option("--cells", help="Cells in the simulated bundle.")] = 5000,
+    genes: Annotated[int, typer.Option("--genes", help="Gene panel size of the simulated bundle.")] = 300,
+    seed: SeedOption = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Run the whole pipeline on a simulated Xenium bundle: simulate, read, build, and the later stages.
+
+    Every step writes what its own command writes, under OUT; demo_summary.json holds each step's figures.
+    """
+    from spatia.demo import DemoConfig, run_demo
+
+    configure(quiet)
+    run_demo(out, DemoConfig(n_cells=cells, n_genes=genes), seed=seed)
