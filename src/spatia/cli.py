@@ -330,6 +330,8 @@ def evaluate_command(
     slide: Annotated[str | None, typer.Option("--slide", help="obs column naming each cell's slide (blocks never span slides).")] = None,
     mist: Annotated[Path | None, typer.Option("--mist", help="MIST dataset directory: its cell crops feed the morphology baseline.")] = None,
     crops: Annotated[Path | None, typer.Option("--crops", help=".npz with images, masks, cell_id for the morphology baseline.")] = None,
+    image_embeddings: Annotated[Path | None, typer.Option("--image-embeddings", help=".h5ad of `spatia embed --modality image`: its X_spatia becomes X_spatia_image.")] = None,
+    gene_embeddings: Annotated[Path | None, typer.Option("--gene-embeddings", help=".h5ad of `spatia embed --modality gene`: its X_spatia becomes X_spatia_gene.")] = None,
     embedding: Annotated[list[str] | None, typer.Option("--embedding", "-e", help="obsm key to score (repeatable); default: every X_spatia* key.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="annotation, clustering, expression, imputation (repeatable); default: all.")] = None,
     n_seeds: Annotated[int | None, typer.Option("--n-seeds", help="Seeds per stochastic model (default 3).")] = None,
@@ -346,7 +348,14 @@ def evaluate_command(
     import yaml
 
     from spatia.errors import ConfigError, InputDataError
-    from spatia.evaluate import EvaluateConfig, crops_from_mist, evaluate, load_crops_npz, write_report
+    from spatia.evaluate import (
+        EvaluateConfig,
+        add_modality_embedding,
+        crops_from_mist,
+        evaluate,
+        load_crops_npz,
+        write_report,
+    )
     from spatia.outputs import refuse_existing, write_run_record
 
     refuse_existing(out, what="report directory")
@@ -371,14 +380,20 @@ def evaluate_command(
     values["seed"] = seed
     config = EvaluateConfig.from_mapping(values, path=config_file)
 
-    if not cells.exists():
-        raise InputDataError("the AnnData file does not exist", path=cells, fix="give the .h5ad written by `spatia embed`")
     import anndata
 
-    try:
-        adata = anndata.read_h5ad(cells)
-    except Exception as error:  # h5py/anndata raise many types for a bad file
-        raise InputDataError(f"cannot read the AnnData: {error}", path=cells, fix="give a valid .h5ad file") from None
+    def read(path: Path):
+        if not path.exists():
+            raise InputDataError("the AnnData file does not exist", path=path, fix="give a .h5ad written by `spatia embed`")
+        try:
+            return anndata.read_h5ad(path)
+        except Exception as error:  # h5py/anndata raise many types for a bad file
+            raise InputDataError(f"cannot read the AnnData: {error}", path=path, fix="give a valid .h5ad file") from None
+
+    adata = read(cells)
+    for extra, key in ((image_embeddings, "X_spatia_image"), (gene_embeddings, "X_spatia_gene")):
+        if extra is not None:
+            add_modality_embedding(adata, read(extra), key, source=extra)
     cell_crops = None
     if crops is not None:
         cell_crops = load_crops_npz(crops)
@@ -409,3 +424,248 @@ def demo(
 
     configure(quiet)
     run_demo(out, DemoConfig(n_cells=cells, n_genes=genes), seed=seed)
+
+
+# --- train: spatia pretrain, spatia embed ----------------------------------------------------
+
+
+def _parse_devices(text: str) -> int | str:
+    from spatia.errors import ConfigError
+
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value == 0 or value < -1:
+        raise ConfigError(f"--devices {text!r} is not a device count", fix="use a positive number, -1 (all) or auto")
+    return value
+
+
+@app.command("pretrain")
+def pretrain_command(
+    dataset: Annotated[Path, typer.Argument(help="MIST dataset directory (`spatia build`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: new or empty (or the run to --resume).")],
+    config: Annotated[
+        str | None, typer.Option("--config", help="tiny, base or a YAML file (default: tiny, or the checkpoint's).")
+    ] = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="cell, niche, tissue or joint (default joint; schedule: cell -> niche -> tissue -> joint).")
+    ] = None,
+    init_from: Annotated[
+        Path | None, typer.Option("--from", help="Start from this checkpoint's weights (the previous stage).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the interrupted run of OUT exactly from this checkpoint.")
+    ] = None,
+    image_weights: Annotated[
+        Path | None, typer.Option("--image-weights", help="Local ViTMAE directory for the image encoders.")
+    ] = None,
+    gene_embeddings: Annotated[
+        Path | None, typer.Option("--gene-embeddings", help="Local gene-vector table (.tsv/.csv/.parquet).")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimiser steps (train.max_steps).")] = None,
+    max_epochs: Annotated[int | None, typer.Option("--max-epochs", help="Cap in epochs (train.max_epochs).")] = None,
+    val_every: Annotated[int | None, typer.Option("--val-every", help="Validate every N steps.")] = None,
+    val_batches: Annotated[int | None, typer.Option("--val-batches", help="Batches per validation (0: none).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help="Write last.ckpt every N steps.")] = None,
+    log_every: Annotated[int | None, typer.Option("--log-every", help="Log losses every N steps.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (train.lr).")] = None,
+    tissues_per_batch: Annotated[int | None, typer.Option("--tissues-per-batch", help="Tissue regions per batch.")] = None,
+    cells_per_tissue: Annotated[int | None, typer.Option("--cells-per-tissue", help="Cells drawn per tissue region.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="DataLoader worker processes per device.")] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="auto (bf16-mixed on GPU, 32-true on CPU) or a Lightning precision.")
+    ] = None,
+    devices: Annotated[str, typer.Option("--devices", help="Devices per node (several: DDP), -1 or auto for all.")] = "1",
+    num_nodes: Annotated[int, typer.Option("--num-nodes", help="Nodes (multi-node DDP).")] = 1,
+    accelerator: Annotated[str, typer.Option("--accelerator", help="auto, cpu or gpu.")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="torch threads per process (on a shared 2-core machine: 1).")
+    ] = None,
+    seed: SeedOption = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Pretrain one SPATIA stage (Lightning): checkpoints, config.yaml, genes.txt, logs/metrics.csv
+    and spatia_run.json in OUT.
+
+    The paper's schedule is four runs, each started --from the previous one's last.ckpt:
+    --stage cell, niche, tissue, then joint. An interrupted run continues exactly with
+    --resume OUT/checkpoints/last.ckpt -o OUT.
+    """
+    from spatia.train import pretrain
+
+    configure(quiet)
+    overrides = {
+        "max_steps": max_steps, "max_epochs": max_epochs, "val_every_n_steps": val_every, "val_batches": val_batches,
+        "checkpoint_every_n_steps": checkpoint_every, "log_every_n_steps": log_every, "lr": lr,
+        "tissues_per_batch": tissues_per_batch, "cells_per_tissue": cells_per_tissue, "num_workers": workers,
+        "precision": precision,
+    }
+    result = pretrain(
+        dataset, out, config=config, stage=stage, init_from=init_from, resume=resume, image_weights=image_weights,
+        gene_embeddings=gene_embeddings, train_overrides=overrides, devices=_parse_devices(devices),
+        num_nodes=num_nodes, accelerator=accelerator, start_method="popen", threads=threads, seed=seed,
+        progress_bar=not quiet,
+    )
+    from spatia.train.pretrain import env_rank_is_zero
+
+    if not env_rank_is_zero():  # another DDP rank: the first one reports
+        return
+    total = result.metrics.get("train/total")
+    console.print(
+        f"stage {result.stage}: {result.global_step} steps"
+        + (f", last train/total {total:.4f}" if total is not None else "")
+        + f"; checkpoint {result.last_checkpoint}",
+        highlight=False,
+    )
+
+
+@app.command("embed")
+def embed_command(
+    dataset: Annotated[Path, typer.Argument(help="MIST dataset directory (`spatia build`).")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="A .ckpt written by `spatia pretrain`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="AnnData file to write (.h5ad; must not exist).")],
+    modality: Annotated[
+        str, typer.Option("--modality", help="both, image (genes withheld) or gene (images withheld).")
+    ] = "both",
+    split: Annotated[
+        list[str] | None, typer.Option("--split", help="Embed cells of this split (repeatable; default: all).")
+    ] = None,
+    batch_cells: Annotated[
+        int, typer.Option("--batch-cells", help="Cells per batch (whole tissue regions are kept together).")
+    ] = 512,
+    devices: Annotated[str, typer.Option("--devices", help="Devices per node (several: DDP), -1 or auto for all.")] = "1",
+    num_nodes: Annotated[int, typer.Option("--num-nodes", help="Nodes.")] = 1,
+    accelerator: Annotated[str, typer.Option("--accelerator", help="auto, cpu or gpu.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16-mixed on GPU, 32-true on CPU) or a Lightning precision.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes per device.")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per process.")] = None,
+    seed: SeedOption = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Embed every cell of a MIST dataset with a trained checkpoint into an AnnData: obsm X_spatia,
+    X_spatia_cell, X_spatia_niche, X_spatia_tissue and spatial (um), obs from the dataset's cell
+    index, raw counts in X. The run record goes beside it as OUT_STEM.spatia_run.json.
+    """
+    from spatia.outputs import refuse_existing, write_run_record
+    from spatia.train import embed_dataset
+    from spatia.train.pretrain import env_rank_is_zero
+
+    configure(quiet)
+    record_path = out.with_name(f"{out.stem}.spatia_run.json")
+    if env_rank_is_zero():
+        refuse_existing(out, what="embedding file")
+        refuse_existing(record_path, what="run record")
+    result = embed_dataset(
+        dataset, checkpoint, out, modality=modality, splits=split, batch_cells=batch_cells,
+        devices=_parse_devices(devices), num_nodes=num_nodes, accelerator=accelerator, precision=precision,
+        start_method="popen", num_workers=workers, threads=threads, progress_bar=not quiet,
+    )
+    if result.path is None:  # another DDP rank: the first one writes
+        return
+    write_run_record(out.parent, "embed", {
+        "dataset": str(dataset), "checkpoint": str(checkpoint), "out": str(out), "modality": modality,
+        "splits": list(split) if split else ["all"], "batch_cells": batch_cells, "devices": devices,
+        "num_nodes": num_nodes, "accelerator": accelerator, "precision": precision, "threads": threads,
+        "n_cells": result.n_cells, "cells_per_second": result.cells_per_second,
+    }, seed, name=record_path.name)
+    console.print(f"wrote {out}: {result.n_cells:,} cells, {', '.join(result.obsm_keys)} "
+                  f"({result.cells_per_second:,.0f} cells/s)", highlight=False)
+
+
+# --- perturb: spatia pair --------------------------------------------------------------------
+
+
+@app.command("pair")
+def pair_command(
+    cells: Annotated[Path, typer.Argument(help="AnnData (.h5ad): raw counts, state/lineage obs columns, obsm spatial in um.")],
+    transitions: Annotated[
+        str, typer.Option("--transitions", "-t", help="Transitions YAML file, or a shipped example: simulated, breast_cancer.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for pairs and signatures (must not exist).")],
+    annotations: Annotated[
+        Path | None, typer.Option("--annotations", help="Table with a cell_id column joined into obs first (e.g. ground_truth.parquet).")
+    ] = None,
+    state_key: Annotated[str | None, typer.Option("--state-key", help="obs column of the cell state; default: the transitions file's, else 'state'.")] = None,
+    lineage_key: Annotated[str | None, typer.Option("--lineage-key", help="obs column of the lineage; default: the transitions file's, else 'lineage'.")] = None,
+    niche_key: Annotated[str | None, typer.Option("--niche-key", help="obs column of the niche type (e.g. domain); default: the transitions file's.")] = None,
+    slide_key: Annotated[str | None, typer.Option("--slide-key", help="obs column of the slide; pairs never cross slides; default: the transitions file's.")] = None,
+    patient_key: Annotated[str | None, typer.Option("--patient-key", help="obs column of the patient; default: the transitions file's.")] = None,
+    counts_layer: Annotated[str | None, typer.Option("--counts-layer", help="Layer with raw counts; default: layers['counts'] if present, else X.")] = None,
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Entropic regularisation, relative to the RMS expression distance.")] = 0.05,
+    tol: Annotated[float, typer.Option("--tol", help="Stop when the L1 marginal error is below this.")] = 1e-5,
+    max_iter: Annotated[int, typer.Option("--max-iter", help="Sinkhorn iteration limit (warns when reached).")] = 5000,
+    n_pcs: Annotated[int, typer.Option("--n-pcs", help="Principal components of the expression space.")] = 50,
+    theta_min: Annotated[int, typer.Option("--theta-min", help="Minimum cells per state within the lineage.")] = 50,
+    spatial_weight: Annotated[float, typer.Option("--spatial-weight", help="Weight of the spatial cost term (0: off).")] = 0.1,
+    spatial_scale_um: Annotated[float, typer.Option("--spatial-scale-um", help="Distance that costs spatial-weight (um).")] = 100.0,
+    max_distance_um: Annotated[float | None, typer.Option("--max-distance-um", help="Never pair cells farther apart (um).")] = None,
+    same_niche: Annotated[bool, typer.Option("--same-niche", help="Pair only within the same niche type.")] = False,
+    pair_noise: Annotated[float, typer.Option("--pair-noise", help="Fraction of pairs whose targets are swapped (Table 5 ablation).")] = 0.0,
+    float64: Annotated[bool, typer.Option("--float64", help="Sinkhorn in float64 instead of float32.")] = False,
+    memory_mb: Annotated[float, typer.Option("--memory-mb", help="Memory budget of each OT problem's cost blocks (MB).")] = 1024.0,
+    seed: SeedOption = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Pair control and target cells of each transition by entropic optimal transport.
+
+    Writes OUT/pairs.parquet (x_ctrl_id, x_tgt_id, state_A, state_B, cell_type, niche_ctrl,
+    niche_tgt, transition_tag, task_name, patient_id, slide_id, spatial_distance_um,
+    match_score, noise_swapped), signatures.parquet and .npz (Delta g per transition and gene),
+    pairing_config.json, diagnostics.json, diagnostics.png and the run record spatia_run.json.
+    """
+    import anndata as ad
+
+    from spatia.errors import InputDataError
+    from spatia.outputs import refuse_existing, write_run_record
+    from spatia.perturb import (
+        PairingConfig,
+        add_annotations,
+        example_transitions_path,
+        load_transitions,
+        pair_cells,
+        write_pairing,
+    )
+    from spatia.perturb.transitions import EXAMPLES
+
+    configure(quiet)
+    refuse_existing(out, what="output folder")
+    transitions_path = Path(transitions)
+    if not transitions_path.exists() and transitions in EXAMPLES:
+        transitions_path = example_transitions_path(transitions)
+    spec = load_transitions(transitions_path)
+    given = {"state_key": state_key, "lineage_key": lineage_key, "niche_key": niche_key, "slide_key": slide_key,
+             "patient_key": patient_key}
+    columns = {**spec.columns, **{k: v for k, v in given.items() if v is not None}}
+    config = PairingConfig(
+        epsilon=epsilon, tol=tol, max_iter=max_iter, n_pcs=n_pcs, theta_min=theta_min, counts_layer=counts_layer,
+        spatial_weight=spatial_weight, spatial_scale_um=spatial_scale_um, max_distance_um=max_distance_um,
+        same_niche=same_niche, pair_noise=pair_noise, seed=seed, dtype="float64" if float64 else "float32",
+        memory_mb=memory_mb, **columns,
+    )
+    if not cells.is_file():
+        raise InputDataError("the AnnData file does not exist", path=cells, fix="give the path of an .h5ad file")
+    try:
+        adata = ad.read_h5ad(cells)
+    except Exception as error:  # noqa: BLE001 - any reader failure is the user's file
+        raise InputDataError(f"cannot read the AnnData file ({error})", path=cells,
+                             fix="give an .h5ad file written by anndata") from None
+    if annotations is not None:
+        add_annotations(adata, annotations)
+    result = pair_cells(adata, spec, config)
+    write_pairing(result, out)
+    write_run_record(out, "pair", {
+        "cells": str(cells), "transitions": str(transitions_path), "annotations": str(annotations) if annotations else None,
+        "pairing": config,
+    }, seed)
+    for name, row in result.summary().items():
+        console.print(
+            f"{name}: {row['n_pairs']:,} pairs ({row['n_ctrl_unmatched']} controls unpaired), "
+            f"distinct targets {row['distinct_target_share'] or 0:.2f}, "
+            f"max marginal error {row['max_marginal_error'] or 0:.1e}"
+            + ("" if row["all_converged"] in (True, None) else " [NOT CONVERGED]"),
+            highlight=False,
+        )
+    console.print(f"wrote {out}: {len(result.pairs):,} pairs", highlight=False)

@@ -142,6 +142,19 @@ class TrainConfig:
     weight_decay: float = 0.05
     tissues_per_batch: int = 2      # tissue regions per localised batch (all their niches)
     cells_per_tissue: int = 64      # cells sampled per tissue region: 2 x 64 = 128 cells
+    # --- training loop (spatia.train; `spatia pretrain` options override these)
+    max_steps: int = 2000           # optimiser steps of one stage
+    max_epochs: int | None = None   # optional cap in epochs (one epoch = every train tissue once)
+    lr_schedule: str = "cosine"     # "cosine" (to min_lr_ratio * lr at max_steps) or "constant"
+    warmup_steps: int = 50          # linear warm-up from 0 (not in the paper)
+    min_lr_ratio: float = 0.1
+    grad_clip_norm: float = 1.0     # clip the global gradient norm; 0 = off
+    val_every_n_steps: int = 200    # validation on the dataset's val split
+    val_batches: int = 8            # localised batches per validation (fixed draws)
+    checkpoint_every_n_steps: int = 200
+    log_every_n_steps: int = 10
+    num_workers: int = 0            # DataLoader worker processes per training process
+    precision: str = "auto"         # auto: bf16-mixed on CUDA, 32-true on CPU; or any Lightning value
 
 
 @dataclass

@@ -1,0 +1,283 @@
+"""Data for pretraining and embedding: localised MIST batches, resumable mid-epoch.
+
+Training batches are the paper's localised batches (appendix C): `LocalizedBatchSampler` draws a
+few tissue regions, all their niches and `cells_per_tissue` cells inside each. One epoch visits
+every train tissue region once; epoch `e` is a pure function of (seed, e), so a run interrupted
+at batch `i` of epoch `e` resumes exactly at batch `i + 1` (`ResumableBatchSampler`). Each
+training batch carries its position as `batch["batch_position"]` = int64 `(2,)` (epoch, index),
+which the LightningModule stores in its checkpoints.
+
+Embedding batches hold whole tissue regions with *every* cell in them (`embedding_batches`), so a
+cell's niche and tissue embeddings average over all of its niche's cells and do not depend on
+how cells were grouped into batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from spatia.errors import ConfigError
+from spatia.mist.datasets import MultiScaleDataset, MultiScaleKey, collate_multiscale
+from spatia.mist.samplers import LocalizedBatchSampler
+
+log = logging.getLogger(__name__)
+
+
+class BatchPosition(NamedTuple):
+    """A training batch's place in the data stream: `epoch` and `index` within the epoch."""
+
+    epoch: int
+    index: int
+
+
+class _PositionKey(NamedTuple):
+    """A marker key appended to a batch's keys; the dataset answers it with the position."""
+
+    epoch: int
+    index: int
+
+
+class ResumableBatchSampler(Sampler[list]):
+    """Wraps a `LocalizedBatchSampler`: reads the epoch when an iteration starts, can resume
+    after a given batch, and appends a `_PositionKey` (epoch, index) to each batch's keys.
+
+    epoch_source: called at the start of each iteration for the epoch number (the trainer's
+    current epoch); None uses `set_epoch` values.
+    """
+
+    def __init__(self, inner: LocalizedBatchSampler, epoch_source: Callable[[], int] | None = None):
+        self.inner = inner
+        self.epoch_source = epoch_source
+        self._resume: BatchPosition | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.inner.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def resume_after(self, position: BatchPosition) -> None:
+        """The next iteration continues right after `position` (the last trained batch)."""
+        self._resume = position
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[list]:
+        if self._resume is not None:
+            # continue after the last trained batch; after an epoch's last batch, the next epoch
+            epoch, start = self._resume.epoch, self._resume.index + 1
+            if start >= len(self.inner):
+                epoch, start = epoch + 1, 0
+            self._resume = None
+            log.info("resuming the data stream at batch %d of epoch %d", start, epoch)
+        else:
+            epoch = int(self.epoch_source()) if self.epoch_source is not None else self.inner.epoch
+            start = 0
+        self.inner.set_epoch(epoch)
+        return self._batches(epoch, start)
+
+    def _batches(self, epoch: int, start: int) -> Iterator[list]:
+        for index, keys in enumerate(self.inner):
+            if index >= start:
+                yield [*keys, _PositionKey(epoch, index)]
+
+
+class _TaggedDataset(Dataset):
+    """`MultiScaleDataset` that also answers `_PositionKey`s (for `collate_tagged`)."""
+
+    def __init__(self, dataset: MultiScaleDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        if isinstance(key, _PositionKey):
+            return {"level": "position", "epoch": key.epoch, "index": key.index}
+        return self.dataset[key]
+
+
+def collate_tagged(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """`collate_multiscale` plus `batch_position` int64 (2,) when the batch was tagged."""
+    positions = [item for item in items if item["level"] == "position"]
+    batch = collate_multiscale([item for item in items if item["level"] != "position"])
+    if positions:
+        batch["batch_position"] = torch.tensor([positions[0]["epoch"], positions[0]["index"]], dtype=torch.int64)
+    return batch
+
+
+class _FixedBatches(Sampler[list]):
+    """A fixed list of key lists (validation: the same draws at every validation)."""
+
+    def __init__(self, batches: list[list[MultiScaleKey]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[MultiScaleKey]]:
+        return iter(self.batches)
+
+
+def split_has_cells(root: str | Path, split: str) -> bool:
+    """Whether the dataset has cells of `split` that a sampler can draw."""
+    return len(MultiScaleDataset(root, split=split).eligible_cells) > 0
+
+
+class MistDataModule(L.LightningDataModule):
+    """Training (`train` split) and validation (`val` split) loaders of localised batches.
+
+    Args:
+        root: the MIST dataset directory.
+        tissues_per_batch, cells_per_tissue: batch composition (B <= their product cells).
+        seed: fixes the epoch orders and cell draws (with the epoch number).
+        num_workers: DataLoader worker processes.
+        val_batches: validation batches per validation (0: no validation).
+
+    Under DDP each rank takes every `world_size`-th batch (`LocalizedBatchSampler`'s
+    `num_replicas` / `rank`), read from the attached trainer.
+    """
+
+    def __init__(self, root: str | Path, *, tissues_per_batch: int, cells_per_tissue: int, seed: int = 0,
+                 num_workers: int = 0, val_batches: int = 0):
+        super().__init__()
+        self.root = Path(root)
+        self.tissues_per_batch = int(tissues_per_batch)
+        self.cells_per_tissue = int(cells_per_tissue)
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.val_batches = int(val_batches)
+        self.train_dataset: MultiScaleDataset | None = None
+        self.val_dataset: MultiScaleDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            self.train_dataset = MultiScaleDataset(self.root, split="train")
+        if self.val_batches > 0 and self.val_dataset is None:
+            self.val_dataset = MultiScaleDataset(self.root, split="val")
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _loader(self, dataset: Dataset, batch_sampler: Sampler, collate) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        rank, world = self._rank_world()
+        inner = LocalizedBatchSampler(self.train_dataset, self.tissues_per_batch, self.cells_per_tissue, self.seed,
+                                      shuffle=True, num_replicas=world, rank=rank)
+        trainer = self.trainer
+        sampler = ResumableBatchSampler(inner, (lambda: trainer.current_epoch) if trainer is not None else None)
+        module = trainer.lightning_module if trainer is not None else None
+        position = getattr(module, "resume_position", None)
+        if position is not None:
+            module.resume_position = None
+            sampler.resume_after(position)
+        return self._loader(_TaggedDataset(self.train_dataset), sampler, collate_tagged)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_batches <= 0:
+            return []
+        self.setup("validate")
+        rank, world = self._rank_world()
+        inner = LocalizedBatchSampler(self.val_dataset, self.tissues_per_batch, self.cells_per_tissue, self.seed,
+                                      shuffle=True, num_replicas=world, rank=rank)
+        per_rank = -(-self.val_batches // world)
+        batches = []
+        for keys in inner:
+            if len(batches) == per_rank:
+                break
+            batches.append(keys)
+        return self._loader(self.val_dataset, _FixedBatches(batches), collate_multiscale)
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding
+# ---------------------------------------------------------------------------------------------
+
+
+class EmbeddingBatch(NamedTuple):
+    """Tissue rows of one embedding batch and every cell row inside them (the cells whose
+    embeddings are kept are `keep`, a bool array over `cell_rows`)."""
+
+    tissue_rows: np.ndarray
+    cell_rows: np.ndarray
+    keep: np.ndarray
+
+
+def embedding_batches(dataset: MultiScaleDataset, wanted: np.ndarray, max_cells: int) -> list[EmbeddingBatch]:
+    """Group whole tissue regions into batches of at most `max_cells` cells (a region with more
+    cells gets a batch of its own).
+
+    dataset: a `MultiScaleDataset` opened with `split=None` (every cell is context).
+    wanted: bool (n_cells,) over `dataset.cell_index`: the cells to embed. Regions without a
+    wanted cell are skipped. Batches follow the tissue index order; cells within a region keep
+    index order.
+    """
+    if max_cells < 1:
+        raise ConfigError(f"the embedding batch size must be at least 1 cell, not {max_cells}",
+                          fix="use e.g. --batch-cells 512")
+    batches: list[EmbeddingBatch] = []
+    tissues: list[int] = []
+    cells: list[np.ndarray] = []
+    count = 0
+
+    def flush() -> None:
+        nonlocal tissues, cells, count
+        if tissues:
+            rows = np.concatenate(cells)
+            batches.append(EmbeddingBatch(np.asarray(tissues, dtype=np.int64), rows, wanted[rows]))
+        tissues, cells, count = [], [], 0
+
+    for t, rows in enumerate(dataset.tissue_cell_rows):
+        if len(rows) == 0 or not wanted[rows].any():
+            continue
+        if count and count + len(rows) > max_cells:
+            flush()
+        tissues.append(t)
+        cells.append(np.asarray(rows, dtype=np.int64))
+        count += len(rows)
+    flush()
+    return batches
+
+
+class EmbeddingDataset(Dataset):
+    """Item i = the collated multi-scale batch of `batches[i]` (for a DataLoader with batch_size
+    None), with `cell_row` int64 (B,) and `keep` bool (B,) added."""
+
+    def __init__(self, dataset: MultiScaleDataset, batches: Sequence[EmbeddingBatch]):
+        self.dataset = dataset
+        self.batches = list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        plan = self.batches[int(i)]
+        keys = self.dataset.keys_for(plan.tissue_rows.tolist(), plan.cell_rows.tolist())
+        batch = collate_multiscale([self.dataset[k] for k in keys])
+        batch["cell_row"] = torch.from_numpy(plan.cell_rows.copy())
+        batch["keep"] = torch.from_numpy(plan.keep.copy())
+        return batch

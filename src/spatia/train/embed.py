@@ -1,0 +1,369 @@
+"""`embed_dataset`: every cell of a MIST dataset -> an AnnData of SPATIA embeddings.
+
+The AnnData (one row per cell, in the dataset's cell-index order):
+
+- `.X`: raw counts (CSR float32, vocabulary order), `var_names` the gene vocabulary,
+  `var["n_slides_measured"]` how many slides measured each gene;
+- `obsm["X_spatia"]` (unified z, Eq. 4), `obsm["X_spatia_cell"]`, `obsm["X_spatia_niche"]`,
+  `obsm["X_spatia_tissue"]`: float32 (n_cells, D); the niche / tissue keys only when the
+  checkpoint's stage ran those levels;
+- `obsm["spatial"]`: cell centroids (x, y) in um;
+- `obs`: the dataset's cell index (slide_id, cell_id, split, niche_id, tissue_id, centroids,
+  QC, `label_*` clusterings, `truth_*` simulator ground truth); `obs_names` are the cell IDs
+  (`slide_id/cell_id` when IDs repeat across slides);
+- `uns["spatia"]`: checkpoint path, stage and step, the config (YAML text), modality, levels,
+  splits, dataset manifest information, package version.
+
+Batches hold whole tissue regions with all their cells, so a cell's niche context is the mean
+over all cells of its niche and the result does not depend on the batch size. The forward is
+`SpatiaModel.embed` (no masking, no dropout): the same inputs give the same embeddings.
+`modality="image"` withholds genes and `"gene"` withholds images (cross-modal work).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from spatia.errors import ConfigError
+from spatia.model import MODALITIES
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_KEYS = {"z": "X_spatia", "z_cell": "X_spatia_cell", "z_niche": "X_spatia_niche",
+                  "z_tissue": "X_spatia_tissue"}
+SPLIT_CHOICES = ("train", "val", "test", "buffer")
+SHARD_ENV = "SPATIA_EMBED_SHARD_DIR"
+
+
+@dataclass
+class EmbedResult:
+    """The AnnData (on the process that assembled it), where it was written, and speed."""
+
+    adata: Any
+    path: Path | None
+    n_cells: int
+    seconds: float
+    cells_per_second: float
+    obsm_keys: list[str] = field(default_factory=list)
+
+
+class EmbedModule(L.LightningModule):
+    """Runs `SpatiaModel.embed` on embedding batches; returns the kept cells' rows, embeddings
+    (float32 numpy) and raw counts (CSR)."""
+
+    def __init__(self, model, modality: str, levels: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.modality = modality
+        self.levels = tuple(levels)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        from scipy import sparse
+
+        keep = batch.pop("keep").bool()
+        rows = batch.pop("cell_row")
+        out = self.model.embed(batch, modality=self.modality, levels=self.levels)
+        result: dict[str, Any] = {"row": rows[keep].cpu().numpy()}
+        for attr in EMBEDDING_KEYS:
+            value = getattr(out, attr)
+            if value is not None:
+                result[attr] = value[keep].float().cpu().numpy()
+        result["counts"] = sparse.csr_matrix(batch["cell_counts"][keep].float().cpu().numpy())
+        return result
+
+
+class ShardWriter(BasePredictionWriter):
+    """Collects this rank's predictions and writes them to `shard_dir/rank#####.pkl` at the end,
+    then waits for the other ranks."""
+
+    def __init__(self, shard_dir: Path):
+        super().__init__(write_interval="batch")
+        self.shard_dir = Path(shard_dir)
+        self.parts: list[dict[str, Any]] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        self.parts.append(prediction)
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.shard_dir / f"rank{trainer.global_rank:05d}.pkl", "wb") as handle:
+            pickle.dump(self.parts, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        self.parts = []
+        trainer.strategy.barrier("spatia-embed-shards")
+
+
+class _RankShard(torch.utils.data.Dataset):
+    """Every `world`-th item of a dataset, from `rank` (set by `EmbedData`). A rank left without
+    items (fewer batches than ranks) gets one copy of item 0 with nothing kept, since Lightning
+    needs at least one batch on every rank."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.rank, self.world = 0, 1
+
+    def _share(self) -> range:
+        return range(self.rank, len(self.dataset), self.world)
+
+    def __len__(self) -> int:
+        return max(len(self._share()), 1)
+
+    def __getitem__(self, i: int):
+        share = self._share()
+        if len(share) == 0:
+            item = self.dataset[0]
+            item["keep"] = torch.zeros_like(item["keep"])
+            return item
+        return self.dataset[share[int(i)]]
+
+
+class EmbedData(L.LightningDataModule):
+    """Serves this rank's share of the embedding batches (one collated batch per item)."""
+
+    def __init__(self, shard: _RankShard, num_workers: int):
+        super().__init__()
+        self.shard = shard
+        self.num_workers = int(num_workers)
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        if self.trainer is not None:
+            self.shard.rank, self.shard.world = int(self.trainer.global_rank), int(self.trainer.world_size)
+        return torch.utils.data.DataLoader(self.shard, batch_size=None, shuffle=False, num_workers=self.num_workers)
+
+
+def _obs_table(index, rows: np.ndarray):
+    import pandas as pd
+
+    obs = index.iloc[rows].drop(columns=[c for c in ("key",) if c in index.columns]).reset_index(drop=True)
+    for column in obs.columns:
+        if obs[column].dtype == object:
+            obs[column] = obs[column].astype(str)
+    ids = obs["cell_id"].astype(str)
+    if index["cell_id"].astype(str).duplicated().any():
+        ids = obs["slide_id"].astype(str) + "/" + ids
+    obs.index = pd.Index(ids.to_numpy(), name=None)
+    return obs
+
+
+def embed_dataset(
+    dataset: str | Path,
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    *,
+    modality: str = "both",
+    splits: list[str] | tuple[str, ...] | None = None,
+    batch_cells: int = 512,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    precision: str = "auto",
+    start_method: str = "popen",
+    num_workers: int = 0,
+    threads: int | None = None,
+    progress_bar: bool = True,
+) -> EmbedResult:
+    """Embed the cells of `splits` (default: all) of a MIST dataset with a trained checkpoint.
+
+    Args:
+        dataset: the MIST dataset directory (the vocabulary must be the checkpoint's).
+        checkpoint: a `.ckpt` written by `spatia pretrain`; the levels embedded are those its
+            stage trained (a cell-stage checkpoint gives X_spatia and X_spatia_cell only).
+        out: the `.h5ad` to write (atomically; an existing file is refused), or None to only
+            return the AnnData.
+        modality: "both", "image" (genes withheld) or "gene" (images withheld).
+        splits: dataset splits whose cells to embed (niche and tissue context always uses every
+            cell of a region).
+        batch_cells: cells per batch; whole tissue regions are kept together (a larger region
+            forms its own batch).
+        devices, num_nodes, accelerator, precision, start_method: as in `pretrain`; with several
+            processes each embeds a share of the batches and the first assembles the AnnData.
+        num_workers: DataLoader worker processes per process.
+        threads: torch intra-op threads per process.
+
+    Returns:
+        `EmbedResult`; `adata` and `path` are None on processes other than the first.
+    """
+    from spatia.train.checkpoints import load_model
+
+    model, info = load_model(checkpoint)
+    return embed_model(dataset, model, out, levels=info.levels, modality=modality, splits=splits,
+                       batch_cells=batch_cells, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
+                       precision=precision, start_method=start_method, num_workers=num_workers, threads=threads,
+                       progress_bar=progress_bar, provenance={
+                           "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_stage": info.stage,
+                           "checkpoint_global_step": info.global_step})
+
+
+def embed_model(
+    dataset: str | Path,
+    model,
+    out: str | Path | None = None,
+    *,
+    levels: tuple[str, ...] = ("cell", "niche", "tissue"),
+    modality: str = "both",
+    splits: list[str] | tuple[str, ...] | None = None,
+    batch_cells: int = 512,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    precision: str = "auto",
+    start_method: str = "popen",
+    num_workers: int = 0,
+    threads: int | None = None,
+    progress_bar: bool = True,
+    provenance: dict[str, Any] | None = None,
+) -> EmbedResult:
+    """`embed_dataset` for a `SpatiaModel` in memory (e.g. an untrained baseline); `levels` are
+    the levels to run and `provenance` extra entries for `uns["spatia"]`."""
+    from spatia import __version__
+    from spatia.mist.datasets import MultiScaleDataset
+    from spatia.model import check_levels
+    from spatia.outputs import atomic_output, refuse_existing
+    from spatia.train.checkpoints import check_vocabulary
+    from spatia.train.data import EmbeddingDataset, embedding_batches
+    from spatia.train.pretrain import env_rank_is_zero, make_strategy, resolve_accelerator, resolve_precision
+
+    started = time.perf_counter()
+    dataset = Path(dataset)
+    out = Path(out) if out is not None else None
+    if modality not in MODALITIES:
+        raise ConfigError(f"unknown modality {modality!r}", fix=f"use one of {', '.join(MODALITIES)}")
+    if splits:
+        unknown = [s for s in splits if s not in SPLIT_CHOICES]
+        if unknown:
+            raise ConfigError(f"unknown split(s) {unknown}", fix=f"use some of {', '.join(SPLIT_CHOICES)}, or none for all")
+    rank_zero = env_rank_is_zero()
+    if out is not None and rank_zero:
+        refuse_existing(out, what="embedding file")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+    levels = check_levels(levels)
+    context = MultiScaleDataset(dataset, split=None)
+    source = Path((provenance or {}).get("checkpoint", "<model in memory>"))
+    check_vocabulary(list(model.gene_symbols), context.genes, checkpoint=source, dataset=dataset)
+    wanted = np.ones(len(context.cell_index), dtype=bool) if not splits else \
+        context.cell_index["split"].isin(list(splits)).to_numpy()
+    if not wanted.any():
+        raise ConfigError(f"the dataset has no cells of split(s) {list(splits or [])}", path=dataset,
+                          fix="choose splits the dataset has (see `spatia dataset-info`)")
+    plans = embedding_batches(context, wanted, batch_cells)
+    accel = resolve_accelerator(accelerator)
+    resolved_precision = resolve_precision(precision, accel)
+
+    # per-rank results meet in a directory every rank knows: beside the output file (a shared
+    # filesystem across nodes), or without one a temporary directory passed to the processes
+    # launched from this one through the environment (spawned ones get it with the callback)
+    if out is not None:
+        shard_dir = out.parent / f".{out.name}.embed-shards"
+        if rank_zero:
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            shard_dir.mkdir(parents=True)
+    elif rank_zero:
+        shard_dir = Path(tempfile.mkdtemp(prefix=".spatia-embed-"))
+        os.environ[SHARD_ENV] = str(shard_dir)
+    else:
+        shard_dir = Path(os.environ[SHARD_ENV])
+    try:
+        shard = _RankShard(EmbeddingDataset(context, plans))
+        trainer = L.Trainer(
+            accelerator=accel, devices=devices, num_nodes=num_nodes,
+            strategy=make_strategy(devices, num_nodes, accel, start_method),
+            precision=resolved_precision, logger=False, enable_checkpointing=False,
+            enable_progress_bar=progress_bar, enable_model_summary=False, use_distributed_sampler=False,
+            callbacks=[ShardWriter(shard_dir)], inference_mode=True,
+        )
+        log.info("embedding %d cells of %s (%s, modality %s, levels %s) in %d batches", int(wanted.sum()), dataset,
+                 source.name, modality, "+".join(levels), len(plans))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+            trainer.predict(EmbedModule(model, modality, levels), datamodule=EmbedData(shard, num_workers),
+                            return_predictions=False)
+        if not rank_zero:
+            return EmbedResult(adata=None, path=None, n_cells=0, seconds=time.perf_counter() - started,
+                               cells_per_second=0.0)
+        parts = []
+        for path in sorted(shard_dir.glob("rank*.pkl")):
+            with open(path, "rb") as handle:
+                parts.extend(pickle.load(handle))
+    finally:
+        if rank_zero:
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            os.environ.pop(SHARD_ENV, None)
+
+    adata = _assemble(parts, context, model.config, levels, provenance or {}, dataset=dataset, modality=modality,
+                      splits=splits, version=__version__)
+    if adata.n_obs != int(wanted.sum()):
+        raise RuntimeError(f"embedded {adata.n_obs} cells, expected {int(wanted.sum())}")
+    if out is not None:
+        with atomic_output(out) as tmp:
+            adata.write_h5ad(tmp)
+    seconds = time.perf_counter() - started
+    log.info("embedded %d cells in %.1f s (%.0f cells/s)%s", adata.n_obs, seconds, adata.n_obs / seconds,
+             f"; wrote {out}" if out is not None else "")
+    return EmbedResult(adata=adata, path=out, n_cells=adata.n_obs, seconds=seconds,
+                       cells_per_second=adata.n_obs / seconds, obsm_keys=sorted(adata.obsm.keys()))
+
+
+def _assemble(parts: list[dict[str, Any]], context, config, levels, provenance: dict[str, Any], *, dataset: Path,
+              modality: str, splits, version: str):
+    import anndata as ad
+    from scipy import sparse
+
+    rows = np.concatenate([p["row"] for p in parts])
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    if len(np.unique(rows)) != len(rows):
+        raise RuntimeError("a cell was embedded twice")
+    counts = sparse.vstack([p["counts"] for p in parts]).tocsr()[order].astype(np.float32)
+    obs = _obs_table(context.cell_index, rows)
+    manifest = context.manifest
+    measured = np.zeros(len(context.genes), dtype=np.int64)
+    for slide in manifest["slides"]:
+        measured[np.asarray(slide["measured_gene_indices"], dtype=np.int64)] += 1
+    import pandas as pd
+
+    var = pd.DataFrame({"n_slides_measured": measured}, index=pd.Index(context.genes))
+    adata = ad.AnnData(X=counts, obs=obs, var=var)
+    for attr, key in EMBEDDING_KEYS.items():
+        if attr in parts[0]:
+            adata.obsm[key] = np.concatenate([p[attr] for p in parts])[order].astype(np.float32)
+    adata.obsm["spatial"] = obs[["x_centroid_um", "y_centroid_um"]].to_numpy(dtype=np.float64)
+    adata.uns["spatia"] = {
+        "command": "embed",
+        "version": version,
+        "checkpoint": "",
+        "checkpoint_stage": "",
+        "checkpoint_global_step": -1,
+        **provenance,
+        "config_name": config.name,
+        "config_yaml": config.to_yaml(),
+        "modality": modality,
+        "levels": list(levels),
+        "splits": list(splits) if splits else ["all"],
+        "embedding_dim": int(config.fusion.dim),
+        "dataset": {
+            "path": str(dataset.resolve()),
+            "format_version": int(manifest.get("format_version", 0)),
+            "created_utc": str(manifest.get("created_utc", "")),
+            "preset": str(manifest.get("builder_config", {}).get("preset", "")),
+            "n_genes": len(context.genes),
+            "slides": [str(s["slide_id"]) for s in manifest["slides"]],
+        },
+    }
+    return adata

@@ -1,0 +1,155 @@
+"""`embed_dataset` / `spatia embed`: the AnnData's contents, determinism, batching independence,
+modalities, splits, and the commands end to end."""
+
+from __future__ import annotations
+
+import json
+
+import anndata
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from spatia.cli import app
+from spatia.errors import ConfigError, OutputExistsError
+from spatia.mist import BuildConfig, CellDataset, build_dataset
+from spatia.train import embed_dataset, embed_model, load_model, pretrain
+
+RUN = dict(cells_per_tissue=8, max_steps=2, val_batches=0, log_every_n_steps=1, checkpoint_every_n_steps=1)
+
+
+@pytest.fixture(scope="module")
+def dataset(simulated_bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed") / "mist"
+    build_dataset([simulated_bundle], root, BuildConfig.cpu(), seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("embed_runs") / "joint"
+    return pretrain(dataset, out, train_overrides=RUN, threads=1, progress_bar=False).last_checkpoint
+
+
+@pytest.fixture(scope="module")
+def embedded(dataset, checkpoint, tmp_path_factory):
+    path = tmp_path_factory.mktemp("embed_out") / "cells.h5ad"
+    result = embed_dataset(dataset, checkpoint, path, threads=1, progress_bar=False)
+    return path, result
+
+
+def test_anndata_contents(dataset, checkpoint, embedded):
+    path, result = embedded
+    adata = anndata.read_h5ad(path)
+    cells = CellDataset(dataset)
+    n = len(cells)
+    assert adata.n_obs == result.n_cells == n
+    assert list(adata.obs_names) == cells.index["cell_id"].astype(str).tolist()  # dataset index order
+    for key in ("X_spatia", "X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"):
+        assert adata.obsm[key].shape == (n, 128) and adata.obsm[key].dtype == np.float32
+        assert np.isfinite(adata.obsm[key]).all()
+    np.testing.assert_allclose(adata.obsm["spatial"], cells.index[["x_centroid_um", "y_centroid_um"]].to_numpy())
+    for column in ("slide_id", "cell_id", "split", "niche_id", "tissue_id", "truth_cell_type", "truth_domain"):
+        assert column in adata.obs.columns, column
+    assert list(adata.var_names) == list(cells.genes)
+    rows = [0, n // 2, n - 1]
+    expected = np.stack([cells[i]["cell_counts"].numpy() for i in rows])
+    np.testing.assert_array_equal(adata.X[rows].toarray(), expected)  # raw counts in X
+    # cells of one niche share X_spatia_niche; cells of different niches (mostly) do not
+    niche = adata.obs["niche_id"].to_numpy()
+    same = niche == niche[0]
+    assert np.allclose(adata.obsm["X_spatia_niche"][same], adata.obsm["X_spatia_niche"][0])
+    uns = adata.uns["spatia"]
+    assert uns["checkpoint"] == str(checkpoint.resolve())
+    assert uns["modality"] == "both" and list(uns["levels"]) == ["cell", "niche", "tissue"]
+    assert uns["checkpoint_stage"] == "joint" and uns["checkpoint_global_step"] == 2
+    assert uns["dataset"]["n_genes"] == len(cells.genes) and "max_steps: 2" in uns["config_yaml"]
+
+    # the unified embedding is the model's, on a batch of whole tissues
+    model, _ = load_model(checkpoint)
+    from spatia.mist import MultiScaleDataset, collate_multiscale
+
+    ds = MultiScaleDataset(dataset, split=None)
+    t = 0
+    keys = ds.keys_for([t], ds.tissue_cell_rows[t].tolist())
+    emb = model.embed(collate_multiscale([ds[k] for k in keys]))
+    np.testing.assert_allclose(adata.obsm["X_spatia"][ds.tissue_cell_rows[t]], emb.z.numpy(), atol=1e-5)
+
+
+def test_deterministic_and_independent_of_batch_size(dataset, checkpoint, embedded):
+    _, first = embedded
+    again = embed_dataset(dataset, checkpoint, threads=1, progress_bar=False)
+    for key in ("X_spatia", "X_spatia_niche"):
+        assert np.array_equal(first.adata.obsm[key], again.adata.obsm[key])  # same inputs, same bits
+    one_region = embed_dataset(dataset, checkpoint, batch_cells=1, threads=1, progress_bar=False)
+    for key in ("X_spatia", "X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"):
+        np.testing.assert_allclose(one_region.adata.obsm[key], first.adata.obsm[key], atol=2e-5, rtol=0)
+
+
+def test_modalities_and_splits(dataset, checkpoint, embedded):
+    _, both = embedded
+    image = embed_dataset(dataset, checkpoint, modality="image", splits=["test", "val"], threads=1,
+                          progress_bar=False).adata
+    assert set(image.obs["split"]) == {"test", "val"}
+    assert image.uns["spatia"]["modality"] == "image" and list(image.uns["spatia"]["splits"]) == ["test", "val"]
+    rows = both.adata.obs_names.get_indexer(image.obs_names)
+    assert not np.allclose(image.obsm["X_spatia"], both.adata.obsm["X_spatia"][rows])
+
+    # withholding genes: the embedding cannot depend on counts (model path, same batches)
+    model, info = load_model(checkpoint)
+    with torch.no_grad():
+        for p in model.gene_encoder.parameters():
+            p.add_(torch.randn_like(p))
+    perturbed = embed_model(dataset, model, levels=info.levels, modality="image", splits=["test", "val"], threads=1,
+                            progress_bar=False).adata
+    np.testing.assert_allclose(perturbed.obsm["X_spatia"], image.obsm["X_spatia"], atol=1e-6)
+
+    with pytest.raises(ConfigError, match="modality"):
+        embed_dataset(dataset, checkpoint, modality="text", progress_bar=False)
+    with pytest.raises(ConfigError, match="split"):
+        embed_dataset(dataset, checkpoint, splits=["holdout"], progress_bar=False)
+
+
+def test_cell_stage_checkpoint_gives_cell_level_keys(dataset, tmp_path):
+    run = pretrain(dataset, tmp_path / "cell", stage="cell", train_overrides=dict(RUN, max_steps=1), threads=1,
+                   progress_bar=False)
+    adata = embed_dataset(dataset, run.last_checkpoint, splits=["val"], threads=1, progress_bar=False).adata
+    assert set(adata.obsm) == {"X_spatia", "X_spatia_cell", "spatial"}
+    assert list(adata.uns["spatia"]["levels"]) == ["cell"]
+
+
+def test_existing_output_is_refused(dataset, checkpoint, embedded):
+    path, _ = embedded
+    with pytest.raises(OutputExistsError):
+        embed_dataset(dataset, checkpoint, path, progress_bar=False)
+
+
+def test_cli_pretrain_then_embed(dataset, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    args = ["pretrain", str(dataset), "-o", str(run), "--stage", "cell", "--max-steps", "2", "--cells-per-tissue",
+            "8", "--val-batches", "1", "--val-every", "1", "--threads", "1", "--seed", "3", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "spatia_run.json").read_text())
+    assert record["command"] == "pretrain" and record["seed"] == 3
+    assert record["config"]["stage"] == "cell" and record["config"]["config"]["train"]["max_steps"] == 2
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+
+    again = runner.invoke(app, args)  # a non-empty run directory is refused: exit 2, no traceback
+    assert again.exit_code == 2 and "already exists" in again.output and "Traceback" not in again.output
+
+    out = tmp_path / "emb" / "cells.h5ad"
+    result = runner.invoke(app, ["embed", str(dataset), "-c", str(run / "checkpoints" / "last.ckpt"), "-o", str(out),
+                                 "--split", "test", "--threads", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    adata = anndata.read_h5ad(out)
+    assert set(adata.obs["split"]) == {"test"} and "X_spatia_cell" in adata.obsm
+    record = json.loads((out.parent / "cells.spatia_run.json").read_text())
+    assert record["command"] == "embed" and record["config"]["n_cells"] == adata.n_obs
+    result = runner.invoke(app, ["embed", str(dataset), "-c", str(run / "checkpoints" / "last.ckpt"), "-o", str(out)])
+    assert result.exit_code == 2 and "already exists" in result.output
+
+    bad = runner.invoke(app, ["embed", str(dataset), "-c", str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "x.h5ad")])
+    assert bad.exit_code == 2 and "checkpoint" in bad.output

@@ -1,0 +1,115 @@
+"""Training and embedding data: resumable localised batches, fixed validation draws, whole-tissue
+embedding batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spatia.errors import ConfigError
+from spatia.mist import BuildConfig, LocalizedBatchSampler, MultiScaleDataset, build_dataset
+from spatia.train import BatchPosition, MistDataModule, ResumableBatchSampler, embedding_batches
+from spatia.train.data import EmbeddingDataset, _PositionKey
+
+
+@pytest.fixture(scope="module")
+def dataset(simulated_bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data") / "mist"
+    build_dataset([simulated_bundle], root, BuildConfig.cpu(), seed=0)
+    return root
+
+
+def _tissues(batch_keys):
+    return [k.row for k in batch_keys if getattr(k, "level", None) == "tissue"]
+
+
+def test_resumable_sampler_tags_and_resumes(dataset):
+    ds = MultiScaleDataset(dataset, split="train")
+    epochs = {"now": 0}
+    sampler = ResumableBatchSampler(LocalizedBatchSampler(ds, 2, 8, seed=5), lambda: epochs["now"])
+    first = list(sampler)
+    assert len(first) == len(sampler) >= 3
+    assert [b[-1] for b in first] == [_PositionKey(0, i) for i in range(len(first))]
+    epochs["now"] = 1
+    second = list(sampler)
+    assert [b[-1].epoch for b in second] == [1] * len(second)
+    assert [b[:-1] for b in first] != [b[:-1] for b in second]  # a new draw per epoch
+
+    # resume after batch 1 of epoch 1: the remaining batches, identical keys
+    fresh = ResumableBatchSampler(LocalizedBatchSampler(ds, 2, 8, seed=5), lambda: 99)
+    fresh.resume_after(BatchPosition(1, 1))
+    assert list(fresh) == second[2:]
+    # the resume applies once; later iterations follow the epoch source
+    assert [b[-1].epoch for b in fresh] == [99] * len(second)
+
+    # resuming after the last batch of an epoch starts the next epoch from its first batch
+    epochs["now"] = 2
+    third = list(sampler)
+    after_end = ResumableBatchSampler(LocalizedBatchSampler(ds, 2, 8, seed=5), lambda: 1)
+    after_end.resume_after(BatchPosition(1, len(second) - 1))
+    assert list(after_end) == third
+
+
+def test_datamodule_batches_and_fixed_validation(dataset):
+    dm = MistDataModule(dataset, tissues_per_batch=2, cells_per_tissue=16, seed=0, val_batches=2)
+    batches = list(dm.train_dataloader())
+    assert batches
+    for i, batch in enumerate(batches):
+        assert batch["batch_position"].tolist() == [0, i]
+        n_tissues = batch["tissue_image"].shape[0]
+        assert 1 <= n_tissues <= 2
+        assert len(batch["cell_id"]) <= 16 * n_tissues
+        # every cell's niche is in the batch and belongs to one of its tissues
+        assert int(batch["cell_niche_index"].max()) < batch["niche_image"].shape[0]
+        assert int(batch["niche_tissue_index"].max()) < n_tissues
+    train_ids = {c for b in batches for c in b["cell_id"]}
+    index = MultiScaleDataset(dataset, split=None).cell_index
+    splits = set(index.set_index("cell_id").loc[sorted(train_ids), "split"])
+    assert splits == {"train"}
+
+    val1 = [b["cell_id"] for b in dm.val_dataloader()]
+    val2 = [b["cell_id"] for b in dm.val_dataloader()]
+    assert val1 == val2 and 1 <= len(val1) <= 2  # the same draws at every validation
+    assert "batch_position" not in next(iter(dm.val_dataloader()))
+    assert set(index.set_index("cell_id").loc[[c for v in val1 for c in v], "split"]) == {"val"}
+
+
+def test_embedding_batches_keep_whole_tissues(dataset):
+    ds = MultiScaleDataset(dataset, split=None)
+    n = len(ds.cell_index)
+    wanted = np.ones(n, dtype=bool)
+    sizes = [len(r) for r in ds.tissue_cell_rows]
+    plans = embedding_batches(ds, wanted, max_cells=max(sizes) + 1)
+    cells = np.concatenate([p.cell_rows for p in plans])
+    assert np.array_equal(np.sort(cells), np.arange(n))  # every cell exactly once
+    for plan in plans:
+        assert plan.keep.all()
+        assert len(plan.cell_rows) <= max(sizes) + 1 or len(plan.tissue_rows) == 1
+        for t in plan.tissue_rows:  # a tissue's cells are all in its batch
+            assert set(ds.tissue_cell_rows[t]) <= set(plan.cell_rows.tolist())
+    one_each = embedding_batches(ds, wanted, max_cells=1)  # a region larger than the cap: its own batch
+    assert len(one_each) == sum(1 for s in sizes if s)
+
+    test_only = ds.cell_index["split"].eq("test").to_numpy()
+    plans = embedding_batches(ds, test_only, max_cells=10_000)
+    kept = np.concatenate([p.cell_rows[p.keep] for p in plans])
+    assert np.array_equal(np.sort(kept), np.flatnonzero(test_only))
+    context = np.concatenate([p.cell_rows for p in plans])
+    tissue_of = ds.niche_tissue_row[ds.cell_niche_row]
+    assert set(tissue_of[context]) == set(tissue_of[test_only])  # only regions holding test cells
+
+    with pytest.raises(ConfigError):
+        embedding_batches(ds, wanted, max_cells=0)
+
+
+def test_embedding_dataset_items(dataset):
+    ds = MultiScaleDataset(dataset, split=None)
+    plans = embedding_batches(ds, np.ones(len(ds.cell_index), dtype=bool), max_cells=400)
+    item = EmbeddingDataset(ds, plans)[0]
+    assert item["cell_row"].dtype == torch.int64 and item["keep"].dtype == torch.bool
+    assert item["cell_image"].shape[0] == len(plans[0].cell_rows) == len(item["cell_id"])
+    assert list(item["cell_id"]) == ds.cell_index["cell_id"].iloc[plans[0].cell_rows].astype(str).tolist()
+    # the niche of each cell is the cell's own niche
+    niche_ids = np.asarray(item["niche_id"])[item["cell_niche_index"].numpy()]
+    assert list(niche_ids) == ds.cell_index["niche_id"].iloc[plans[0].cell_rows].astype(str).tolist()

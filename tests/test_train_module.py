@@ -1,0 +1,142 @@
+"""Pretraining module: stages and freezing, schedule, config checks, loss falls on a fixed batch."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from spatia.errors import ConfigError
+from spatia.model import BatchSizes, load_config, synthetic_batch, synthetic_gene_symbols
+from spatia.model.config import config_from_dict
+from spatia.train import STAGES, SpatiaPretrainModule, check_train_config, lr_factor
+from spatia.train.module import step_seed
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(**train):
+    config = load_config("tiny")
+    data = config.to_dict()
+    data["train"].update(train)
+    return config_from_dict(data, source="test")
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_trains_its_groups_and_freezes_the_rest(stage):
+    module = SpatiaPretrainModule(load_config("tiny"), synthetic_gene_symbols(40), stage=stage)
+    groups = module.model.parameter_groups()
+    spec = STAGES[stage]
+    for name, params in groups.items():
+        assert all(p.requires_grad == (name in spec.trained_groups) for p in params), (stage, name)
+    module.train()
+    frozen = [m for m in module._frozen_modules]
+    assert all(not m.training for m in frozen)  # frozen modules stay in eval mode (no dropout)
+    if stage == "joint":
+        assert not frozen
+
+    batch = synthetic_batch(load_config("tiny"), BatchSizes(n_tissues=1, cells_per_tissue=16, n_genes=40), seed=3)
+    out = module.model(batch, levels=spec.levels, generator=torch.Generator().manual_seed(0))
+    expected = {f"{level}/{kind}" for level in spec.levels for kind in ("image", "gene")} | {"total"}
+    assert set(out.losses) == expected
+    out.losses["total"].backward()
+    for name, params in groups.items():
+        if name not in spec.trained_groups:
+            assert all(p.grad is None for p in params), (stage, name)
+        else:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), (stage, name)
+
+
+def test_unknown_stage_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown stage"):
+        SpatiaPretrainModule(load_config("tiny"), synthetic_gene_symbols(10), stage="slide")
+
+
+def test_lr_schedule():
+    kw = dict(max_steps=100, warmup_steps=10, min_ratio=0.1)
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(55, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(500, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(50, schedule="constant", **kw) == 1.0
+    values = [lr_factor(s, schedule="cosine", **kw) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay after warm-up
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("max_steps", 0, "train.max_steps"),
+    ("lr_schedule", "linear", "train.lr_schedule"),
+    ("min_lr_ratio", 1.5, "train.min_lr_ratio"),
+    ("grad_clip_norm", -1.0, "train.grad_clip_norm"),
+    ("val_batches", -2, "train.val_batches"),
+    ("max_epochs", 0, "train.max_epochs"),
+])
+def test_bad_train_keys_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(_config(**{key: value}))
+
+
+def test_packaged_configs_pass_the_train_checks():
+    for name in ("tiny", "base"):
+        check_train_config(load_config(name))
+
+
+def test_step_seeds_differ_by_step_and_rank():
+    seeds = {step_seed(0, step, rank) for step in range(50) for rank in range(4)}
+    assert len(seeds) == 200
+    assert step_seed(1, 0, 0) != step_seed(0, 0, 0)
+    assert step_seed(7, 3, 1) == step_seed(7, 3, 1)
+    assert 0 <= step_seed(7, 3, 1) < 2**63
+
+
+def test_loss_falls_on_a_fixed_batch_through_the_trainer(tmp_path):
+    """The real training step (AdamW groups, warm-up, clipping, per-level logging) in Lightning."""
+    config = _config(lr=1e-3, warmup_steps=5, max_steps=40, lr_schedule="constant")
+    batch = synthetic_batch(config, BatchSizes(n_tissues=1, cells_per_tissue=32, n_genes=60), seed=2)
+    torch.manual_seed(0)
+    module = SpatiaPretrainModule(config, synthetic_gene_symbols(60), stage="joint", seed=0)
+    history = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+    loader = torch.utils.data.DataLoader([batch] * 40, batch_size=None, collate_fn=lambda b: b)
+    trainer = L.Trainer(accelerator="cpu", max_steps=40, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
+    trainer.fit(module, train_dataloaders=loader)
+    assert len(history) == 40
+    keys = {"train/total", "train/lr", "train/grad_norm"} | {f"train/{lv}/{k}" for lv in ("cell", "niche", "tissue")
+                                                            for k in ("image", "gene")}
+    assert keys <= set(history[0])
+    first = {k: sum(h[k] for h in history[:3]) / 3 for k in keys}
+    last = {k: sum(h[k] for h in history[-3:]) / 3 for k in keys}
+    assert last["train/total"] < 0.3 * first["train/total"], (first["train/total"], last["train/total"])
+    for level in ("cell", "niche", "tissue"):
+        for kind in ("image", "gene"):
+            key = f"train/{level}/{kind}"
+            assert last[key] < first[key], key
+    assert history[0]["train/lr"] == pytest.approx(1e-3 / 5)  # warm-up step 1 of 5
+    assert history[-1]["train/lr"] == pytest.approx(1e-3)
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings():
+    module = SpatiaPretrainModule(load_config("tiny"), synthetic_gene_symbols(20), stage="cell")
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert decay
+    assert all(names[i].endswith(".weight") for i in decay)
+    assert id(module.model.gene_encoder.embedding.weight) not in decay
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in module.model.parameters() if p.requires_grad}  # frozen groups left out

@@ -1,0 +1,168 @@
+"""Checkpoints: exact resume (same next-step losses and weights as an uninterrupted run), stage
+chaining with --from, run-directory rules and their errors."""
+
+from __future__ import annotations
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from spatia.errors import ConfigError, DatasetError, OutputExistsError
+from spatia.mist import BuildConfig, build_dataset
+from spatia.model import load_config
+from spatia.train import load_model, pretrain, read_checkpoint
+
+FAST = dict(cells_per_tissue=8, val_every_n_steps=3, val_batches=1, checkpoint_every_n_steps=1, log_every_n_steps=1)
+
+
+@pytest.fixture(scope="module")
+def dataset(simulated_bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_resume") / "mist"
+    build_dataset([simulated_bundle], root, BuildConfig.cpu(), seed=0)
+    return root
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt(L.Callback):
+    """Raise before training step `step` (after the checkpoint of the step before was saved)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise _Interrupt()
+
+
+def _run(dataset, out, **kw):
+    kw.setdefault("threads", 1)
+    kw.setdefault("progress_bar", False)
+    return pretrain(dataset, out, **kw)
+
+
+def _train_rows(run_dir):
+    table = pd.read_csv(run_dir / "logs" / "metrics.csv")
+    return table[table["train/total"].notna()].set_index("step")
+
+
+def _state(path):
+    return read_checkpoint(path)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = _run(dataset, out, train_overrides=dict(FAST, max_steps=9))
+    return out, result
+
+
+@pytest.mark.parametrize("stop", [6, 4])  # mid-epoch (epoch 1, batch 2) and right after epoch 0's last batch
+def test_resume_gives_identical_next_steps(dataset, tmp_path, uninterrupted, stop):
+    full_dir, full = uninterrupted
+    assert full.global_step == 9
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        _run(dataset, out, train_overrides=dict(FAST, max_steps=9), callbacks=[_StopAt(stop)])
+    last = out / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == stop
+    resumed = _run(dataset, out, resume=last)
+    assert resumed.global_step == 9
+
+    a, b = _train_rows(full_dir), _train_rows(out)
+    assert list(b.index) == list(range(9))  # the interrupted steps were logged once, not twice
+    for column in [c for c in a.columns if c.startswith("train/") and c != "train/grad_norm"]:
+        assert a.loc[stop:, column].tolist() == b.loc[stop:, column].tolist(), column
+    assert torch.equal(torch.tensor(a["train/grad_norm"].to_numpy()), torch.tensor(b["train/grad_norm"].to_numpy()))
+    sa, sb = _state(full_dir / "checkpoints" / "last.ckpt"), _state(last)
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_may_extend_max_steps_but_not_change_the_recipe(dataset, tmp_path):
+    out = tmp_path / "run"
+    _run(dataset, out, train_overrides=dict(FAST, max_steps=2))
+    last = out / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="train.lr"):
+        _run(dataset, out, resume=last, train_overrides={"lr": 0.1})
+    with pytest.raises(ConfigError, match="--stage"):
+        _run(dataset, out, resume=last, stage="cell")
+    with pytest.raises(ConfigError, match="loss.cell.image"):
+        other = tmp_path / "other.yaml"
+        other.write_text("extends: tiny\nloss:\n  cell: {image: 0.5, gene: 1.0}\n")
+        _run(dataset, out, resume=last, config=other)
+    # a value equal to the run's own is no change
+    result = _run(dataset, out, resume=last, train_overrides={"max_steps": 3, "cells_per_tissue": 8})
+    assert result.global_step == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 3
+    assert (out / "spatia_run.json").is_file() and (out / "spatia_run.resume-step2.json").is_file()
+
+
+def test_run_directory_outputs_and_refusals(dataset, tmp_path, uninterrupted):
+    full_dir, full = uninterrupted
+    for name in ("config.yaml", "genes.txt", "spatia_run.json", "logs/metrics.csv", "checkpoints/last.ckpt",
+                 "checkpoints/best.ckpt"):
+        assert (full_dir / name).is_file(), name
+    assert full.best_checkpoint == full_dir / "checkpoints" / "best.ckpt"
+    assert load_config(full_dir / "config.yaml").train.max_steps == 9
+    model, info = load_model(full.last_checkpoint)
+    assert (full_dir / "genes.txt").read_text().split() == info.gene_symbols == model.gene_symbols
+    assert info.stage == "joint" and info.global_step == 9
+    columns = set(pd.read_csv(full_dir / "logs" / "metrics.csv").columns)
+    assert {f"{split}/{level}/{kind}" for split in ("train", "val") for level in ("cell", "niche", "tissue")
+            for kind in ("image", "gene")} <= columns
+
+    with pytest.raises(OutputExistsError):
+        _run(dataset, full_dir, train_overrides=dict(FAST, max_steps=1))
+    with pytest.raises(ConfigError, match="does not exist"):
+        _run(dataset, tmp_path / "nowhere", resume=full.last_checkpoint)
+    with pytest.raises(ConfigError, match="--resume and --from"):
+        _run(dataset, tmp_path / "x", resume=full.last_checkpoint, init_from=full.last_checkpoint)
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an existing empty directory is fine
+    assert _run(dataset, empty, config="tiny", stage="cell", train_overrides=dict(FAST, max_steps=1)).global_step == 1
+
+
+def test_stage_chain_with_from_keeps_frozen_groups(dataset, tmp_path):
+    cell = _run(dataset, tmp_path / "cell", stage="cell", train_overrides=dict(FAST, max_steps=2, val_batches=0))
+    assert cell.best_checkpoint is None  # no validation, no best.ckpt
+    niche = _run(dataset, tmp_path / "niche", stage="niche", init_from=cell.last_checkpoint,
+                 train_overrides=dict(FAST, max_steps=2))
+    assert niche.global_step == 2  # a new stage starts at step 0
+    model_cell, _ = load_model(cell.last_checkpoint)
+    model_niche, info = load_model(niche.last_checkpoint)
+    assert info.stage == "niche" and info.levels == ("cell", "niche")
+    groups_cell, groups_niche = model_cell.parameter_groups(), model_niche.parameter_groups()
+    assert all(torch.equal(a, b) for a, b in zip(groups_cell["cell"], groups_niche["cell"]))  # frozen
+    assert not all(torch.equal(a, b) for a, b in zip(groups_cell["niche"], groups_niche["niche"]))  # trained
+
+
+def test_from_checks_architecture_and_vocabulary(dataset, tmp_path, simulated_bundle, uninterrupted):
+    _, full = uninterrupted
+    wider = tmp_path / "wider.yaml"
+    wider.write_text("extends: tiny\nfusion:\n  dim: 64\n")
+    with pytest.raises(ConfigError, match="fusion.dim"):
+        _run(dataset, tmp_path / "a", init_from=full.last_checkpoint, config=wider)
+    lower_lr = tmp_path / "lr.yaml"
+    lower_lr.write_text("extends: tiny\ntrain:\n  lr: 1.0e-4\n  max_steps: 1\n  val_batches: 0\n")
+    assert _run(dataset, tmp_path / "b", init_from=full.last_checkpoint, config=lower_lr).global_step == 1
+
+    other = tmp_path / "other_mist"  # a dataset with another gene vocabulary
+    build_dataset([simulated_bundle], other, BuildConfig.cpu(), seed=0)
+    manifest = other / "manifest.json"
+    import json
+
+    data = json.loads(manifest.read_text())
+    data["genes"] = [f"X{g}" for g in data["genes"]]
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="vocabulary"):
+        _run(other, tmp_path / "c", init_from=full.last_checkpoint)
+
+
+def test_config_image_sizes_must_match_the_dataset(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="cell_size_px"):
+        _run(dataset, tmp_path / "base", config="base", train_overrides={"max_steps": 1})
