@@ -31,3 +31,18 @@ def simulated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("simulated") / "bundle"
     simulate_bundle(out, SimulationConfig(n_cells=3000), seed=0)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op torch thread per test process: two xdist workers share two cores, and
+    oversubscribed threads make torch ~10x slower there."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

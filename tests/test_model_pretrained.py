@@ -16,13 +16,6 @@ from spatia.model.image import ImageEncoder, load_vitmae_weights
 from spatia.model.layers import sincos_2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def config():

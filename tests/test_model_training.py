@@ -16,13 +16,6 @@ from spatia.model import (
 from spatia.model.layers import SelfAttentionBlock
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_losses_fall_over_30_adamw_steps():
     config = load_config("tiny")
