@@ -8,8 +8,8 @@ configs with 64 px crops, `paper` for 224 px), then:
    also bf16), measured before and after the training loops;
 2. model loop: pre-collated localised batches on the device, the real optimiser
    (`SpatiaPretrainModule.configure_optimizers`, AdamW) and gradient clipping, forward + backward
-   + step, timed after warm-up steps. FLOPs per batch come from `spatia.model.flops_per_batch`
-   (matmuls and attention, torch's FLOP counter) on each batch used;
+   + step, timed after warm-up steps. FLOPs per batch: matmuls and attention of the forward and
+   backward pass of each batch used (`spatia.model.flop_counter`, torch's FLOP counter);
 3. trainer loop: `spatia.train.pretrain` end to end (Lightning, data loading included), timed
    from the first step after warm-up to the last.
 
@@ -108,7 +108,7 @@ def main() -> None:
 
     from spatia.console import configure
     from spatia.mist import LocalizedBatchSampler, MultiScaleDataset, collate_multiscale
-    from spatia.model import flops_per_batch, load_config
+    from spatia.model import flop_counter, load_config
     from spatia.model.config import config_from_dict
     from spatia.train import SpatiaPretrainModule, pretrain
     from spatia.train.module import STAGES
@@ -139,9 +139,15 @@ def main() -> None:
     levels = STAGES[args.stage].levels
     torch.manual_seed(args.seed)
     module = SpatiaPretrainModule(config, ds.genes, stage=args.stage, seed=args.seed).to(device)
-    flops = [flops_per_batch(config, model=module.model, batch=to_device(b, device), levels=levels, seed=i)
-             for i, b in enumerate(batches)]
-    module.model.zero_grad(set_to_none=True)
+    flops = []
+    for i, b in enumerate(batches):  # forward + backward FLOPs of each batch, on the device
+        counter = flop_counter()
+        with counter:
+            out = module.model(to_device(b, device), levels=levels,
+                               generator=torch.Generator(device=device).manual_seed(i))
+            out.losses["total"].backward()
+        flops.append(int(counter.get_total_flops()))
+        module.model.zero_grad(set_to_none=True)
 
     peak_before = {"fp32": matmul_peak(device, torch.float32)}
     if device.startswith("cuda"):

@@ -495,8 +495,10 @@ def pretrain_command(
     --resume OUT/checkpoints/last.ckpt -o OUT.
     """
     from spatia.train import pretrain
+    from spatia.train.pretrain import quiet_lightning
 
     configure(quiet)
+    quiet_lightning(quiet)
     overrides = {
         "max_steps": max_steps, "max_epochs": max_epochs, "val_every_n_steps": val_every, "val_batches": val_batches,
         "checkpoint_every_n_steps": checkpoint_every, "log_every_n_steps": log_every, "lr": lr,
@@ -551,9 +553,10 @@ def embed_command(
     """
     from spatia.outputs import refuse_existing, write_run_record
     from spatia.train import embed_dataset
-    from spatia.train.pretrain import env_rank_is_zero
+    from spatia.train.pretrain import env_rank_is_zero, quiet_lightning
 
     configure(quiet)
+    quiet_lightning(quiet)
     record_path = out.with_name(f"{out.stem}.spatia_run.json")
     if env_rank_is_zero():
         refuse_existing(out, what="embedding file")

@@ -235,7 +235,13 @@ def embed_model(
     from spatia.outputs import atomic_output, refuse_existing
     from spatia.train.checkpoints import check_vocabulary
     from spatia.train.data import EmbeddingDataset, embedding_batches
-    from spatia.train.pretrain import env_rank_is_zero, make_strategy, resolve_accelerator, resolve_precision
+    from spatia.train.pretrain import (
+        LIGHTNING_NOISE,
+        env_rank_is_zero,
+        make_strategy,
+        resolve_accelerator,
+        resolve_precision,
+    )
 
     started = time.perf_counter()
     dataset = Path(dataset)
@@ -290,8 +296,8 @@ def embed_model(
         log.info("embedding %d cells of %s (%s, modality %s, levels %s) in %d batches", int(wanted.sum()), dataset,
                  source.name, modality, "+".join(levels), len(plans))
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+            for message in (*LIGHTNING_NOISE, ".*infer the batch indices.*"):
+                warnings.filterwarnings("ignore", message=message)
             trainer.predict(EmbedModule(model, modality, levels), datamodule=EmbedData(shard, num_workers),
                             return_predictions=False)
         if not rank_zero:

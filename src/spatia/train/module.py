@@ -140,12 +140,17 @@ class SpatiaPretrainModule(L.LightningModule):
         trained = {id(p) for name in self.stage.trained_groups for p in groups[name]}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trained)
-        self._frozen_modules = [
-            m for m in self.model.modules()
-            if m is not self.model and any(True for _ in m.parameters(recurse=False))
-            and all(not p.requires_grad for p in m.parameters(recurse=False))
-        ]
+        # the largest submodules whose parameters are all frozen (eval() covers their children,
+        # dropout layers included)
+        frozen = {id(m) for m in self.model.modules() if m is not self.model
+                  and any(True for _ in m.parameters()) and all(not p.requires_grad for p in m.parameters())}
+        self._frozen_modules = [m for name, m in self.model.named_modules() if id(m) in frozen
+                                and not any(id(parent) in frozen for parent in self._parents(name))]
         self.train(self.training)
+
+    def _parents(self, name: str) -> list[nn.Module]:
+        parts = name.split(".")
+        return [self.model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
 
     def train(self, mode: bool = True) -> SpatiaPretrainModule:
         super().train(mode)

@@ -112,6 +112,19 @@ def env_rank_is_zero() -> bool:
     return True
 
 
+def quiet_lightning(quiet: bool) -> None:
+    """Lightning's own INFO lines (devices found, tips) only when not quiet."""
+    level = logging.WARNING if quiet else logging.INFO
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(level)
+
+
+LIGHTNING_NOISE = (
+    ".*does not have many workers.*",
+    ".*isinstance\\(treespec, LeafSpec\\).*",  # Lightning 2.6 with torch 2.13
+)
+
+
 def make_strategy(devices: int | str, num_nodes: int, accelerator: str, start_method: str) -> Any:
     """"auto" for one process; DDP otherwise (gloo on CPU), tolerant of parameters a stage
     does not use (frozen or data-dependent ones)."""
@@ -412,7 +425,8 @@ def pretrain(
     log.info("pretraining stage %s (levels %s) on %s: %d steps, precision %s, %s x %s device(s)", stage_name,
              "+".join(stage_info.levels), dataset, train.max_steps, precision, num_nodes, devices)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        for message in LIGHTNING_NOISE:
+            warnings.filterwarnings("ignore", message=message)
         # the data position is restored through the module's checkpoint entry, not the loader
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
