@@ -76,22 +76,33 @@ class _LevelAccess:
         return out
 
 
-class CellDataset(Dataset):
-    """Cell records (optionally of some splits). Item i is row i of `index`."""
+class _LevelDataset(Dataset):
+    """Records of one level (optionally of some splits). Item i is row i of `index`."""
+
+    level: str
 
     def __init__(self, root: str | Path, split: str | Sequence[str] | None = None):
-        self._access = _LevelAccess(root, "cell")
+        self._access = _LevelAccess(root, self.level)
         self.root = self._access.root
         self.manifest = self._access.manifest
         self.genes = self._access.genes
-        self.index = _select_split(pd.read_parquet(index_path(self.root, "cell")), split, self.root)
+        self.index = _select_split(pd.read_parquet(index_path(self.root, self.level)), split, self.root)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _row_and_record(self, i: int) -> tuple[pd.Series, dict[str, Any]]:
         row = self.index.iloc[int(i)]
-        data = self._access.load(row["key"], int(row["slide_index"]))
+        return row, self._access.load(row["key"], int(row["slide_index"]))
+
+
+class CellDataset(_LevelDataset):
+    """Cell records (optionally of some splits). Item i is row i of `index`."""
+
+    level = "cell"
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row, data = self._row_and_record(i)
         return {
             "cell_image": data["image"],
             "cell_mask": data["mask"],
@@ -104,18 +115,10 @@ class CellDataset(Dataset):
         }
 
 
-class NicheDataset(Dataset):
+class NicheDataset(_LevelDataset):
     """Niche records (non-empty 256 px tiles). Item i is row i of `index`."""
 
-    def __init__(self, root: str | Path, split: str | Sequence[str] | None = None):
-        self._access = _LevelAccess(root, "niche")
-        self.root = self._access.root
-        self.manifest = self._access.manifest
-        self.genes = self._access.genes
-        self.index = _select_split(pd.read_parquet(index_path(self.root, "niche")), split, self.root)
-
-    def __len__(self) -> int:
-        return len(self.index)
+    level = "niche"
 
     def member_cell_ids(self, i: int) -> list[str]:
         """Cell IDs of niche i (its record's metadata)."""
@@ -123,8 +126,7 @@ class NicheDataset(Dataset):
         return list(self._access.reader.get(row["key"]).meta["cell_ids"])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.index.iloc[int(i)]
-        data = self._access.load(row["key"], int(row["slide_index"]))
+        row, data = self._row_and_record(i)
         return {
             "niche_image": data["image"],
             "niche_counts": data["counts"],
@@ -136,22 +138,13 @@ class NicheDataset(Dataset):
         }
 
 
-class TissueDataset(Dataset):
+class TissueDataset(_LevelDataset):
     """Tissue-region records. Item i is row i of `index`."""
 
-    def __init__(self, root: str | Path, split: str | Sequence[str] | None = None):
-        self._access = _LevelAccess(root, "tissue")
-        self.root = self._access.root
-        self.manifest = self._access.manifest
-        self.genes = self._access.genes
-        self.index = _select_split(pd.read_parquet(index_path(self.root, "tissue")), split, self.root)
-
-    def __len__(self) -> int:
-        return len(self.index)
+    level = "tissue"
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.index.iloc[int(i)]
-        data = self._access.load(row["key"], int(row["slide_index"]))
+        row, data = self._row_and_record(i)
         return {
             "tissue_image": data["image"],
             "tissue_counts": data["counts"],
