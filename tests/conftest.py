@@ -46,3 +46,25 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def simulated_mist(simulated_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MIST dataset of `simulated_bundle` (CPU preset, seed 0), built once per test process.
+    Read-only for tests: a test that writes into a dataset builds its own."""
+    from spatia.mist import BuildConfig, build_dataset
+
+    root = tmp_path_factory.mktemp("simulated_mist") / "mist"
+    build_dataset([simulated_bundle], root, BuildConfig.cpu(), seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def simulated_checkpoint(simulated_mist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step joint (all levels) tiny pretraining checkpoint on `simulated_mist`: plumbing,
+    not learning (tests of learning train their own)."""
+    from spatia.train import pretrain
+
+    out = tmp_path_factory.mktemp("simulated_checkpoint") / "joint"
+    overrides = dict(cells_per_tissue=8, max_steps=2, val_batches=0, log_every_n_steps=1, checkpoint_every_n_steps=1)
+    return pretrain(simulated_mist, out, train_overrides=overrides, threads=1, progress_bar=False).last_checkpoint

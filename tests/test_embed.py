@@ -13,36 +13,28 @@ from typer.testing import CliRunner
 
 from spatia.cli import app
 from spatia.errors import ConfigError, OutputExistsError
-from spatia.mist import BuildConfig, CellDataset, build_dataset
+from spatia.mist import CellDataset
 from spatia.train import embed_dataset, embed_model, load_model, pretrain
 
 RUN = dict(cells_per_tissue=8, max_steps=2, val_batches=0, log_every_n_steps=1, checkpoint_every_n_steps=1)
 
 
 @pytest.fixture(scope="module")
-def dataset(simulated_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("embed") / "mist"
-    build_dataset([simulated_bundle], root, BuildConfig.cpu(), seed=0)
-    return root
+def checkpoint(simulated_checkpoint):
+    return simulated_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoint(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("embed_runs") / "joint"
-    return pretrain(dataset, out, train_overrides=RUN, threads=1, progress_bar=False).last_checkpoint
-
-
-@pytest.fixture(scope="module")
-def embedded(dataset, checkpoint, tmp_path_factory):
+def embedded(simulated_mist, checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("embed_out") / "cells.h5ad"
-    result = embed_dataset(dataset, checkpoint, path, threads=1, progress_bar=False)
+    result = embed_dataset(simulated_mist, checkpoint, path, threads=1, progress_bar=False)
     return path, result
 
 
-def test_anndata_contents(dataset, checkpoint, embedded):
+def test_anndata_contents(simulated_mist, checkpoint, embedded):
     path, result = embedded
     adata = anndata.read_h5ad(path)
-    cells = CellDataset(dataset)
+    cells = CellDataset(simulated_mist)
     n = len(cells)
     assert adata.n_obs == result.n_cells == n
     assert list(adata.obs_names) == cells.index["cell_id"].astype(str).tolist()  # dataset index order
@@ -70,26 +62,26 @@ def test_anndata_contents(dataset, checkpoint, embedded):
     model, _ = load_model(checkpoint)
     from spatia.mist import MultiScaleDataset, collate_multiscale
 
-    ds = MultiScaleDataset(dataset, split=None)
+    ds = MultiScaleDataset(simulated_mist, split=None)
     t = 0
     keys = ds.keys_for([t], ds.tissue_cell_rows[t].tolist())
     emb = model.embed(collate_multiscale([ds[k] for k in keys]))
     np.testing.assert_allclose(adata.obsm["X_spatia"][ds.tissue_cell_rows[t]], emb.z.numpy(), atol=1e-5)
 
 
-def test_deterministic_and_independent_of_batch_size(dataset, checkpoint, embedded):
+def test_deterministic_and_independent_of_batch_size(simulated_mist, checkpoint, embedded):
     _, first = embedded
-    again = embed_dataset(dataset, checkpoint, threads=1, progress_bar=False)
+    again = embed_dataset(simulated_mist, checkpoint, threads=1, progress_bar=False)
     for key in ("X_spatia", "X_spatia_niche"):
         assert np.array_equal(first.adata.obsm[key], again.adata.obsm[key])  # same inputs, same bits
-    one_region = embed_dataset(dataset, checkpoint, batch_cells=1, threads=1, progress_bar=False)
+    one_region = embed_dataset(simulated_mist, checkpoint, batch_cells=1, threads=1, progress_bar=False)
     for key in ("X_spatia", "X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"):
         np.testing.assert_allclose(one_region.adata.obsm[key], first.adata.obsm[key], atol=2e-5, rtol=0)
 
 
-def test_modalities_and_splits(dataset, checkpoint, embedded):
+def test_modalities_and_splits(simulated_mist, checkpoint, embedded):
     _, both = embedded
-    image = embed_dataset(dataset, checkpoint, modality="image", splits=["test", "val"], threads=1,
+    image = embed_dataset(simulated_mist, checkpoint, modality="image", splits=["test", "val"], threads=1,
                           progress_bar=False).adata
     assert set(image.obs["split"]) == {"test", "val"}
     assert image.uns["spatia"]["modality"] == "image" and list(image.uns["spatia"]["splits"]) == ["test", "val"]
@@ -101,34 +93,34 @@ def test_modalities_and_splits(dataset, checkpoint, embedded):
     with torch.no_grad():
         for p in model.gene_encoder.parameters():
             p.add_(torch.randn_like(p))
-    perturbed = embed_model(dataset, model, levels=info.levels, modality="image", splits=["test", "val"], threads=1,
+    perturbed = embed_model(simulated_mist, model, levels=info.levels, modality="image", splits=["test", "val"], threads=1,
                             progress_bar=False).adata
     np.testing.assert_allclose(perturbed.obsm["X_spatia"], image.obsm["X_spatia"], atol=1e-6)
 
     with pytest.raises(ConfigError, match="modality"):
-        embed_dataset(dataset, checkpoint, modality="text", progress_bar=False)
+        embed_dataset(simulated_mist, checkpoint, modality="text", progress_bar=False)
     with pytest.raises(ConfigError, match="split"):
-        embed_dataset(dataset, checkpoint, splits=["holdout"], progress_bar=False)
+        embed_dataset(simulated_mist, checkpoint, splits=["holdout"], progress_bar=False)
 
 
-def test_cell_stage_checkpoint_gives_cell_level_keys(dataset, tmp_path):
-    run = pretrain(dataset, tmp_path / "cell", stage="cell", train_overrides=dict(RUN, max_steps=1), threads=1,
+def test_cell_stage_checkpoint_gives_cell_level_keys(simulated_mist, tmp_path):
+    run = pretrain(simulated_mist, tmp_path / "cell", stage="cell", train_overrides=dict(RUN, max_steps=1), threads=1,
                    progress_bar=False)
-    adata = embed_dataset(dataset, run.last_checkpoint, splits=["val"], threads=1, progress_bar=False).adata
+    adata = embed_dataset(simulated_mist, run.last_checkpoint, splits=["val"], threads=1, progress_bar=False).adata
     assert set(adata.obsm) == {"X_spatia", "X_spatia_cell", "spatial"}
     assert list(adata.uns["spatia"]["levels"]) == ["cell"]
 
 
-def test_existing_output_is_refused(dataset, checkpoint, embedded):
+def test_existing_output_is_refused(simulated_mist, checkpoint, embedded):
     path, _ = embedded
     with pytest.raises(OutputExistsError):
-        embed_dataset(dataset, checkpoint, path, progress_bar=False)
+        embed_dataset(simulated_mist, checkpoint, path, progress_bar=False)
 
 
-def test_cli_pretrain_then_embed(dataset, tmp_path):
+def test_cli_pretrain_then_embed(simulated_mist, tmp_path):
     runner = CliRunner()
     run = tmp_path / "run"
-    args = ["pretrain", str(dataset), "-o", str(run), "--stage", "cell", "--max-steps", "2", "--cells-per-tissue",
+    args = ["pretrain", str(simulated_mist), "-o", str(run), "--stage", "cell", "--max-steps", "2", "--cells-per-tissue",
             "8", "--val-batches", "1", "--val-every", "1", "--threads", "1", "--seed", "3", "--quiet"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -141,15 +133,15 @@ def test_cli_pretrain_then_embed(dataset, tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output and "Traceback" not in again.output
 
     out = tmp_path / "emb" / "cells.h5ad"
-    result = runner.invoke(app, ["embed", str(dataset), "-c", str(run / "checkpoints" / "last.ckpt"), "-o", str(out),
+    result = runner.invoke(app, ["embed", str(simulated_mist), "-c", str(run / "checkpoints" / "last.ckpt"), "-o", str(out),
                                  "--split", "test", "--threads", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     adata = anndata.read_h5ad(out)
     assert set(adata.obs["split"]) == {"test"} and "X_spatia_cell" in adata.obsm
     record = json.loads((out.parent / "cells.spatia_run.json").read_text())
     assert record["command"] == "embed" and record["config"]["n_cells"] == adata.n_obs
-    result = runner.invoke(app, ["embed", str(dataset), "-c", str(run / "checkpoints" / "last.ckpt"), "-o", str(out)])
+    result = runner.invoke(app, ["embed", str(simulated_mist), "-c", str(run / "checkpoints" / "last.ckpt"), "-o", str(out)])
     assert result.exit_code == 2 and "already exists" in result.output
 
-    bad = runner.invoke(app, ["embed", str(dataset), "-c", str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "x.h5ad")])
+    bad = runner.invoke(app, ["embed", str(simulated_mist), "-c", str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "x.h5ad")])
     assert bad.exit_code == 2 and "checkpoint" in bad.output

@@ -89,7 +89,9 @@ def test_cli_evaluate_end_to_end(tmp_path):
     out = tmp_path / "out"
     run = json.loads((out / "spatia_run.json").read_text())
     assert run["command"] == "evaluate" and run["seed"] == 5
-    assert run["config"]["leiden_resolutions"] == [0.2, 0.6] and run["config"]["layout"] == "none"
+    assert run["config"]["evaluate"]["leiden_resolutions"] == [0.2, 0.6] and run["config"]["evaluate"]["layout"] == "none"
+    assert run["config"]["inputs"]["cells"] == str((tmp_path / "cells.h5ad").resolve())
+    assert run["config"]["inputs"]["checkpoint"] is None
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seeds"] == [5, 6]
     assert set(metrics["tasks"]["annotation"]["results"]) == {"X_spatia", "X_spatia_image", "pca", "morphology",

@@ -77,6 +77,29 @@ def test_flops_per_batch():
     assert flops_per_batch(config, model=model, batch=batch) == flops_per_batch(config, model=model, batch=batch)
 
 
+def test_forward_backward_under_bf16_autocast():
+    # what bf16-mixed training runs on a GPU; CPU autocast takes the same dtype paths
+    config = load_config("tiny")
+    batch = synthetic_batch(config, BatchSizes(n_tissues=1, cells_per_tissue=16, n_genes=40), seed=4)
+    model = SpatiaModel(config, synthetic_gene_symbols(40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+    out.losses["total"].backward()
+    assert torch.isfinite(out.losses["total"])
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flops_per_batch_on_cuda():
+    config = load_config("tiny")
+    batch = synthetic_batch(config, BatchSizes(n_tissues=1, cells_per_tissue=32, n_genes=60))
+    cuda_batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    on_cuda = flops_per_batch(config, batch=cuda_batch)  # the masking generator follows the batch
+    assert on_cuda == flops_per_batch(config, batch=batch)
+    assert flops_per_batch(config, batch=cuda_batch, backward=False) == flops_per_batch(config, batch=batch,
+                                                                                         backward=False)
+
+
 def test_synthetic_batch_contract():
     config = load_config("tiny")
     batch = synthetic_batch(config, BatchSizes(n_tissues=3, cells_per_tissue=32, n_genes=40), seed=5)

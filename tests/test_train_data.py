@@ -8,24 +8,17 @@ import pytest
 import torch
 
 from spatia.errors import ConfigError
-from spatia.mist import BuildConfig, LocalizedBatchSampler, MultiScaleDataset, build_dataset
+from spatia.mist import LocalizedBatchSampler, MultiScaleDataset
 from spatia.train import BatchPosition, MistDataModule, ResumableBatchSampler, embedding_batches
 from spatia.train.data import EmbeddingDataset, _PositionKey
-
-
-@pytest.fixture(scope="module")
-def dataset(simulated_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data") / "mist"
-    build_dataset([simulated_bundle], root, BuildConfig.cpu(), seed=0)
-    return root
 
 
 def _tissues(batch_keys):
     return [k.row for k in batch_keys if getattr(k, "level", None) == "tissue"]
 
 
-def test_resumable_sampler_tags_and_resumes(dataset):
-    ds = MultiScaleDataset(dataset, split="train")
+def test_resumable_sampler_tags_and_resumes(simulated_mist):
+    ds = MultiScaleDataset(simulated_mist, split="train")
     epochs = {"now": 0}
     sampler = ResumableBatchSampler(LocalizedBatchSampler(ds, 2, 8, seed=5), lambda: epochs["now"])
     first = list(sampler)
@@ -51,8 +44,8 @@ def test_resumable_sampler_tags_and_resumes(dataset):
     assert list(after_end) == third
 
 
-def test_datamodule_batches_and_fixed_validation(dataset):
-    dm = MistDataModule(dataset, tissues_per_batch=2, cells_per_tissue=16, seed=0, val_batches=2)
+def test_datamodule_batches_and_fixed_validation(simulated_mist):
+    dm = MistDataModule(simulated_mist, tissues_per_batch=2, cells_per_tissue=16, seed=0, val_batches=2)
     batches = list(dm.train_dataloader())
     assert batches
     for i, batch in enumerate(batches):
@@ -64,7 +57,7 @@ def test_datamodule_batches_and_fixed_validation(dataset):
         assert int(batch["cell_niche_index"].max()) < batch["niche_image"].shape[0]
         assert int(batch["niche_tissue_index"].max()) < n_tissues
     train_ids = {c for b in batches for c in b["cell_id"]}
-    index = MultiScaleDataset(dataset, split=None).cell_index
+    index = MultiScaleDataset(simulated_mist, split=None).cell_index
     splits = set(index.set_index("cell_id").loc[sorted(train_ids), "split"])
     assert splits == {"train"}
 
@@ -75,8 +68,8 @@ def test_datamodule_batches_and_fixed_validation(dataset):
     assert set(index.set_index("cell_id").loc[[c for v in val1 for c in v], "split"]) == {"val"}
 
 
-def test_embedding_batches_keep_whole_tissues(dataset):
-    ds = MultiScaleDataset(dataset, split=None)
+def test_embedding_batches_keep_whole_tissues(simulated_mist):
+    ds = MultiScaleDataset(simulated_mist, split=None)
     n = len(ds.cell_index)
     wanted = np.ones(n, dtype=bool)
     sizes = [len(r) for r in ds.tissue_cell_rows]
@@ -103,8 +96,8 @@ def test_embedding_batches_keep_whole_tissues(dataset):
         embedding_batches(ds, wanted, max_cells=0)
 
 
-def test_embedding_dataset_items(dataset):
-    ds = MultiScaleDataset(dataset, split=None)
+def test_embedding_dataset_items(simulated_mist):
+    ds = MultiScaleDataset(simulated_mist, split=None)
     plans = embedding_batches(ds, np.ones(len(ds.cell_index), dtype=bool), max_cells=400)
     item = EmbeddingDataset(ds, plans)[0]
     assert item["cell_row"].dtype == torch.int64 and item["keep"].dtype == torch.bool

@@ -10,15 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 
-from spatia.mist import BuildConfig, build_dataset
 from spatia.train import embed_dataset, pretrain, read_checkpoint
-
-
-@pytest.fixture(scope="module")
-def dataset(simulated_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp") / "mist"
-    build_dataset([simulated_bundle], root, BuildConfig.cpu(), seed=0)
-    return root
 
 
 class RecordTissues(L.Callback):
@@ -34,10 +26,10 @@ class RecordTissues(L.Callback):
                                      "tissues": list(batch["tissue_id"])}) + "\n")
 
 
-def test_ddp_two_cpu_processes(dataset, tmp_path):
+def test_ddp_two_cpu_processes(simulated_mist, tmp_path):
     records = tmp_path / "records"
     records.mkdir()
-    run = pretrain(dataset, tmp_path / "run", train_overrides=dict(max_steps=3, cells_per_tissue=8, val_batches=1,
+    run = pretrain(simulated_mist, tmp_path / "run", train_overrides=dict(max_steps=3, cells_per_tissue=8, val_batches=1,
                                                                    val_every_n_steps=2, log_every_n_steps=1),
                    devices=2, accelerator="cpu", start_method="spawn", threads=1, progress_bar=False,
                    callbacks=[RecordTissues(records)])
@@ -50,8 +42,8 @@ def test_ddp_two_cpu_processes(dataset, tmp_path):
     for a, b in zip(*ranks):  # each rank draws its own share of the localised batches
         assert a["step"] == b["step"] and not set(a["tissues"]) & set(b["tissues"])
 
-    single = embed_dataset(dataset, run.last_checkpoint, splits=["test", "val"], threads=1, progress_bar=False)
-    double = embed_dataset(dataset, run.last_checkpoint, splits=["test", "val"], devices=2, accelerator="cpu",
+    single = embed_dataset(simulated_mist, run.last_checkpoint, splits=["test", "val"], threads=1, progress_bar=False)
+    double = embed_dataset(simulated_mist, run.last_checkpoint, splits=["test", "val"], devices=2, accelerator="cpu",
                            start_method="spawn", threads=1, progress_bar=False)
     assert list(double.adata.obs_names) == list(single.adata.obs_names)
     for key in ("X_spatia", "X_spatia_niche"):

@@ -11,21 +11,13 @@ import torch
 from transformers import ViTMAEConfig, ViTMAEModel
 
 from spatia.errors import ConfigError
-from spatia.mist import BuildConfig, build_dataset
 from spatia.model import SpatiaModel, load_config
 from spatia.train import pretrain, read_checkpoint
 from spatia.train.checkpoints import model_state_dict
 
 
 @pytest.fixture(scope="module")
-def dataset(simulated_bundle, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrained") / "mist"
-    build_dataset([simulated_bundle], root, BuildConfig.cpu(), seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, dataset):
+def inputs(tmp_path_factory, simulated_mist):
     """A ViTMAE directory sized like tiny's image encoder (RGB, as published weights are) and a
     TSV of 16-dimensional vectors for half of the dataset's genes plus unknown ones."""
     root = tmp_path_factory.mktemp("weights")
@@ -35,7 +27,7 @@ def inputs(tmp_path_factory, dataset):
                                       num_attention_heads=im.heads, intermediate_size=im.mlp_size,
                                       patch_size=im.patch_size, image_size=im.cell_size_px, num_channels=3))
     vitmae.save_pretrained(root / "vitmae")
-    genes = json.loads((dataset / "manifest.json").read_text())["genes"]
+    genes = json.loads((simulated_mist / "manifest.json").read_text())["genes"]
     rng = np.random.default_rng(0)
     rows = [f"{g}\t" + "\t".join(f"{v:.5f}" for v in rng.normal(size=16)) for g in genes[::2]]
     rows += ["NOT_A_GENE\t" + "\t".join(["1.0"] * 16)]
@@ -43,9 +35,9 @@ def inputs(tmp_path_factory, dataset):
     return root / "vitmae", root / "genes.tsv", vitmae
 
 
-def test_pretrain_starts_from_the_given_weights(dataset, inputs, tmp_path):
+def test_pretrain_starts_from_the_given_weights(simulated_mist, inputs, tmp_path):
     vitmae_dir, gene_table, vitmae = inputs
-    run = pretrain(dataset, tmp_path / "run", stage="cell", image_weights=vitmae_dir, gene_embeddings=gene_table,
+    run = pretrain(simulated_mist, tmp_path / "run", stage="cell", image_weights=vitmae_dir, gene_embeddings=gene_table,
                    train_overrides=dict(max_steps=1, lr=1e-30, warmup_steps=0, lr_schedule="constant",
                                         val_batches=0, cells_per_tissue=8), threads=1, progress_bar=False)
     record = json.loads((tmp_path / "run" / "spatia_run.json").read_text())
@@ -70,11 +62,11 @@ def test_pretrain_starts_from_the_given_weights(dataset, inputs, tmp_path):
                                rgb.sum(dim=1).reshape(rgb.shape[0], -1), rtol=0, atol=1e-5)
 
 
-def test_pretrained_inputs_only_for_fresh_runs(dataset, inputs, tmp_path):
+def test_pretrained_inputs_only_for_fresh_runs(simulated_mist, inputs, tmp_path):
     vitmae_dir, gene_table, _ = inputs
-    first = pretrain(dataset, tmp_path / "a", stage="cell", train_overrides=dict(max_steps=1, val_batches=0,
+    first = pretrain(simulated_mist, tmp_path / "a", stage="cell", train_overrides=dict(max_steps=1, val_batches=0,
                                                                                  cells_per_tissue=8),
                      threads=1, progress_bar=False)
     with pytest.raises(ConfigError, match="fresh run"):
-        pretrain(dataset, tmp_path / "b", init_from=first.last_checkpoint, image_weights=vitmae_dir,
+        pretrain(simulated_mist, tmp_path / "b", init_from=first.last_checkpoint, image_weights=vitmae_dir,
                  progress_bar=False)

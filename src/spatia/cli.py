@@ -328,7 +328,9 @@ def evaluate_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report directory to create (must not exist).")],
     split: Annotated[str | None, typer.Option("--split", help="obs column with train/test(/buffer); default: spatial blocks.")] = None,
     slide: Annotated[str | None, typer.Option("--slide", help="obs column naming each cell's slide (blocks never span slides).")] = None,
-    mist: Annotated[Path | None, typer.Option("--mist", help="MIST dataset directory: its cell crops feed the morphology baseline.")] = None,
+    mist: Annotated[Path | None, typer.Option("--mist", help="MIST dataset directory: its cell crops feed the morphology baseline (and the imputer, with --checkpoint).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="`spatia pretrain` checkpoint: impute held-out genes with its gene decoder (needs --mist).")] = None,
+    device: Annotated[str, typer.Option("--device", help="Device for the gene-decoder imputer: cpu, cuda or auto.")] = "auto",
     crops: Annotated[Path | None, typer.Option("--crops", help=".npz with images, masks, cell_id for the morphology baseline.")] = None,
     image_embeddings: Annotated[Path | None, typer.Option("--image-embeddings", help=".h5ad of `spatia embed --modality image`: its X_spatia becomes X_spatia_image.")] = None,
     gene_embeddings: Annotated[Path | None, typer.Option("--gene-embeddings", help=".h5ad of `spatia embed --modality gene`: its X_spatia becomes X_spatia_gene.")] = None,
@@ -359,7 +361,10 @@ def evaluate_command(
     from spatia.outputs import refuse_existing, write_run_record
 
     refuse_existing(out, what="report directory")
-    if mist is not None and crops is not None:
+    if checkpoint is not None and mist is None:
+        raise ConfigError("--checkpoint was given without --mist",
+                          fix="also give the MIST dataset the embeddings came from: the imputer reads its images and context")
+    if mist is not None and crops is not None and checkpoint is None:
         raise ConfigError("both --mist and --crops were given", fix="give one source of crops")
     values: dict = {}
     if config_file is not None:
@@ -399,9 +404,22 @@ def evaluate_command(
         cell_crops = load_crops_npz(crops)
     elif mist is not None:
         cell_crops = crops_from_mist(mist, adata.obs_names.to_numpy().astype(str))
-    results = evaluate(adata, config, crops=cell_crops)
+    imputer = None
+    if checkpoint is not None and "imputation" in config.tasks:
+        import torch
+
+        from spatia.train.impute import GeneDecoderImputer
+
+        resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        imputer = GeneDecoderImputer.from_checkpoint(checkpoint, mist, adata.var_names, device=resolved)
+    results = evaluate(adata, config, crops=cell_crops, imputer=imputer)
     write_report(results, out)
-    write_run_record(out, "evaluate", config, seed)
+    inputs = {"cells": str(cells.resolve()), "mist": str(mist.resolve()) if mist else None,
+              "crops": str(crops.resolve()) if crops else None,
+              "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
+              "image_embeddings": str(image_embeddings.resolve()) if image_embeddings else None,
+              "gene_embeddings": str(gene_embeddings.resolve()) if gene_embeddings else None}
+    write_run_record(out, "evaluate", {"evaluate": config, "inputs": inputs}, seed)
     console.print(f"evaluation report written to {out} (metrics.json, report.md, report.html)")
 
 
@@ -413,6 +431,8 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist).")] = Path("demo_output"),
     cells: Annotated[int, typer.Option("--cells", help="Cells in the simulated bundle.")] = 5000,
     genes: Annotated[int, typer.Option("--genes", help="Gene panel size of the simulated bundle.")] = 300,
+    pretrain_steps: Annotated[int, typer.Option("--pretrain-steps", help="Pretraining steps of the tiny model.")] = 60,
+    evaluate_seeds: Annotated[int, typer.Option("--evaluate-seeds", help="Seeds per stochastic evaluation model.")] = 2,
     seed: SeedOption = 0,
     quiet: QuietOption = False,
 ) -> None:
@@ -423,7 +443,8 @@ def demo(
     from spatia.demo import DemoConfig, run_demo
 
     configure(quiet)
-    run_demo(out, DemoConfig(n_cells=cells, n_genes=genes), seed=seed)
+    run_demo(out, DemoConfig(n_cells=cells, n_genes=genes, pretrain_steps=pretrain_steps, evaluate_seeds=evaluate_seeds),
+             seed=seed)
 
 
 # --- train: spatia pretrain, spatia embed ----------------------------------------------------

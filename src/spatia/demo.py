@@ -84,7 +84,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, seed: in
     step("pretrain", lambda: _pretrain(dataset, run, config, seed))
     checkpoint = run / "checkpoints" / "last.ckpt"
     step("embed", lambda: _embed(dataset, checkpoint, out_dir))
-    step("evaluate", lambda: _evaluate(out_dir, dataset, config, seed))
+    step("evaluate", lambda: _evaluate(out_dir, dataset, checkpoint, config, seed))
     step("pair", lambda: _pair(out_dir / "cells.h5ad", out_dir / "pairs", seed))
 
     write_json(out_dir / "demo_summary.json", summary, overwrite=True)
@@ -150,19 +150,24 @@ def _embed(dataset: Path, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
             "image_only_cells_per_second": round(image.cells_per_second, 1)}
 
 
-def _evaluate(out_dir: Path, dataset: Path, config: DemoConfig, seed: int) -> dict[str, Any]:
+def _evaluate(out_dir: Path, dataset: Path, checkpoint: Path, config: DemoConfig, seed: int) -> dict[str, Any]:
     import anndata as ad
 
     from spatia.evaluate import EvaluateConfig, add_modality_embedding, crops_from_mist, evaluate, write_report
+    from spatia.train.impute import GeneDecoderImputer
 
     adata = ad.read_h5ad(out_dir / "embeddings.h5ad")
     add_modality_embedding(adata, ad.read_h5ad(out_dir / "embeddings_image.h5ad"), "X_spatia_image")
     crops = crops_from_mist(dataset, list(adata.obs_names))
+    imputer = GeneDecoderImputer.from_checkpoint(checkpoint, dataset, adata.var_names)
     eval_config = EvaluateConfig(labels="truth_cell_type", seed=seed, n_seeds=config.evaluate_seeds, layout="pca")
-    results = evaluate(adata, eval_config, crops=crops)
+    results = evaluate(adata, eval_config, crops=crops, imputer=imputer)
     report = write_report(results, out_dir / "report")
-    write_run_record(out_dir / "report", "evaluate", eval_config, seed)
-    return {"report": str(report), "headline": _headline(results)}
+    inputs = {"cells": str(out_dir / "embeddings.h5ad"), "mist": str(dataset), "checkpoint": str(checkpoint),
+              "image_embeddings": str(out_dir / "embeddings_image.h5ad")}
+    write_run_record(out_dir / "report", "evaluate", {"evaluate": eval_config, "inputs": inputs}, seed)
+    return {"report": str(report), "annotation_macro_f1": _headline(results),
+            "imputation_pearson": _imputation_headline(results)}
 
 
 def _headline(results: dict[str, Any]) -> dict[str, float]:
@@ -170,6 +175,12 @@ def _headline(results: dict[str, Any]) -> dict[str, float]:
     per_representation = results["tasks"]["annotation"].get("results", {})
     return {name: round(scores["mlp"]["macro_f1"]["mean"], 3)
             for name, scores in per_representation.items() if "mlp" in scores}
+
+
+def _imputation_headline(results: dict[str, Any]) -> dict[str, float]:
+    """Mean pooled Pearson on held-out genes per imputer (the gene decoder is "model")."""
+    per_imputer = results["tasks"]["imputation"].get("results", {})
+    return {name: round(scores["pearson"]["mean"], 3) for name, scores in per_imputer.items() if scores.get("status") == "ok"}
 
 
 def _pair(cells_h5ad: Path, pairs_dir: Path, seed: int) -> dict[str, Any]:

@@ -286,6 +286,69 @@ class CellPolygons:
         return out
 
 
+@dataclass
+class _VertexTable:
+    """The columns of a boundaries file that polygons are built from, one row per vertex.
+
+    Attributes:
+        id_codes: int (n_vertices,) index into `unique_ids` of each vertex's cell ID.
+        unique_ids: (n_ids,) the distinct raw cell IDs, in order of first appearance.
+        xy: float64 (n_vertices, 2) vertex_x, vertex_y in um.
+        label_codes: int (n_vertices,) codes of ``label_id`` (None if the file has no such column).
+    """
+
+    id_codes: np.ndarray
+    unique_ids: np.ndarray
+    xy: np.ndarray
+    label_codes: np.ndarray | None
+
+
+def _read_vertex_table(path: Path) -> _VertexTable:
+    """Read a boundaries file without one Python string per vertex.
+
+    Parquet stays in Arrow until the IDs are coded as integers (a section of 1M cells has ~25M
+    vertices; per-vertex Python strings alone would take over 1 GB), CSV goes through pandas.
+    """
+    required = ["cell_id", "vertex_x", "vertex_y"]
+    if not path.name.lower().endswith(".parquet"):
+        df = read_table(path, columns=[*required, "label_id"])
+        _require_columns(df, required, path)
+        id_codes, uniques = pd.factorize(df["cell_id"], sort=False)
+        xy = np.column_stack([df["vertex_x"].to_numpy(np.float64), df["vertex_y"].to_numpy(np.float64)])
+        labels = pd.factorize(df["label_id"].to_numpy())[0] if "label_id" in df.columns else None
+        return _VertexTable(id_codes, np.asarray(uniques), xy, labels)
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise BundleError(
+                f"missing column(s) {missing}; found {names}", path=path, fix=f"a Xenium {path.name} has columns {required} (and more)"
+            )
+        table = pq.read_table(path, columns=[*required, *(["label_id"] if "label_id" in names else [])])
+        ids = table.column("cell_id")
+        unique = pc.unique(ids)
+        id_codes = pc.index_in(ids, value_set=unique).to_numpy(zero_copy_only=False)
+        xy = np.empty((table.num_rows, 2), dtype=np.float64)
+        xy[:, 0] = table.column("vertex_x").to_numpy()
+        xy[:, 1] = table.column("vertex_y").to_numpy()
+        labels = None
+        if "label_id" in names:
+            label_column = table.column("label_id")
+            labels = pc.index_in(label_column, value_set=pc.unique(label_column)).to_numpy(zero_copy_only=False)
+        unique_ids = unique.to_numpy(zero_copy_only=False)
+    except (OSError, pa.ArrowException) as exc:
+        raise BundleError(
+            f"cannot read the Parquet table ({type(exc).__name__}: {str(exc)[:300]})", path=path, fix=_REPLACE_FIX
+        ) from None
+    del table, ids
+    return _VertexTable(id_codes.astype(np.int64), unique_ids, xy, labels)
+
+
 def read_polygons(path: Path, cell_ids: pd.Index, problems: list[str], *, what: str) -> CellPolygons:
     """Read ``cell_boundaries`` / ``nucleus_boundaries`` (.parquet or .csv.gz) aligned to `cell_ids`.
 
@@ -293,26 +356,22 @@ def read_polygons(path: Path, cell_ids: pd.Index, problems: list[str], *, what: 
     (several ``label_id`` values, or several separate runs of rows) keeps its first one (counted).
     Polygons with NaN vertices are dropped (counted). The closing vertex is removed.
     """
-    df = read_table(path, columns=["cell_id", "vertex_x", "vertex_y", "label_id"])
-    _require_columns(df, ["cell_id", "vertex_x", "vertex_y"], path)
+    vertices = _read_vertex_table(path)
     n_cells = len(cell_ids)
-    if len(df) == 0:
+    if len(vertices.xy) == 0:
         note(problems, f"{path.name}: the file holds no vertices; no {what} polygons")
         return CellPolygons(np.zeros(n_cells + 1, dtype=np.int64), np.zeros((0, 2)))
-    raw_ids = df["cell_id"]
-    # factorize first so ID conversion runs once per cell, not once per vertex
-    codes_raw, uniques = pd.factorize(raw_ids, sort=False)
-    unique_ids = ids_to_str(np.asarray(uniques), path=path)
+    codes_raw, xy = vertices.id_codes, vertices.xy
+    unique_ids = ids_to_str(vertices.unique_ids, path=path)
     row_of_unique = cell_ids.get_indexer(pd.Index(unique_ids, dtype=object))
     code = row_of_unique[codes_raw]
     unknown_ids = int((row_of_unique < 0).sum())
     if unknown_ids:
         note(problems, f"{path.name}: {unknown_ids} {what} polygons belong to cells not in the kept cells; skipped")
-    xy = np.column_stack([df["vertex_x"].to_numpy(np.float64), df["vertex_y"].to_numpy(np.float64)])
     keep = code >= 0
     # one polygon per cell: the first label_id, or else the first contiguous run of rows
-    if "label_id" in df.columns:
-        part = pd.factorize(df["label_id"].to_numpy())[0]
+    if vertices.label_codes is not None:
+        part = vertices.label_codes
     else:
         part = np.concatenate([[0], np.cumsum(code[1:] != code[:-1])])
     part_key = pd.Series(part[keep])

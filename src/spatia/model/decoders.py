@@ -59,7 +59,8 @@ class ImageDecoder(nn.Module):
         x = self.mask_token.expand(n, n_patches, -1)
         if keep.shape[1]:
             index = keep[..., None].expand(-1, -1, self.hidden_size)
-            x = x.scatter(1, index, self.visible_proj(visible))
+            # under autocast the projection comes out in bf16/fp16 while the mask token is fp32
+            x = x.scatter(1, index, self.visible_proj(visible).to(x.dtype))
         x = torch.cat([self.z_proj(z)[:, None, :], x + self._pos(n_patches, z.device)], dim=1)
         for block in self.blocks:
             x = block(x)

@@ -49,17 +49,20 @@ def flops_per_batch(config: SpatiaConfig, batch_sizes: BatchSizes | None = None,
     """FLOPs of one forward (+ backward when `backward`) pass.
 
     Uses `batch` when given, else a `synthetic_batch(config, batch_sizes, seed=seed)`; uses
-    `model` when given (its gradients are cleared afterwards), else a fresh model. With
+    `model` when given (its gradients are cleared afterwards), else a fresh model on the batch's
+    device. Works on any device: the masking generator is made on the batch's device. With
     `backward=False` the pass is an embedding pass (`model.embed`, no masking, no decoders).
     """
     if batch is None:
         batch = synthetic_batch(config, batch_sizes, seed=seed)
+    device = batch["cell_counts"].device
     if model is None:
-        model = SpatiaModel(config, synthetic_gene_symbols(batch["cell_counts"].shape[1]))
+        model = SpatiaModel(config, synthetic_gene_symbols(batch["cell_counts"].shape[1])).to(device)
     counter = flop_counter()
     with counter:
         if backward:
-            out = model(batch, levels=levels, generator=torch.Generator().manual_seed(seed))
+            # the masking generator must live on the batch's device (a CPU one fails on CUDA)
+            out = model(batch, levels=levels, generator=torch.Generator(device=device).manual_seed(seed))
             out.losses["total"].backward()
         else:
             model.embed(batch, levels=levels)

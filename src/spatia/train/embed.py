@@ -295,11 +295,13 @@ def embed_model(
         )
         log.info("embedding %d cells of %s (%s, modality %s, levels %s) in %d batches", int(wanted.sum()), dataset,
                  source.name, modality, "+".join(levels), len(plans))
+        model_device = next(model.parameters()).device
         with warnings.catch_warnings():
             for message in (*LIGHTNING_NOISE, ".*infer the batch indices.*"):
                 warnings.filterwarnings("ignore", message=message)
             trainer.predict(EmbedModule(model, modality, levels), datamodule=EmbedData(shard, num_workers),
                             return_predictions=False)
+        model.to(model_device)  # Lightning's teardown leaves the module on the CPU
         if not rank_zero:
             return EmbedResult(adata=None, path=None, n_cells=0, seconds=time.perf_counter() - started,
                                cells_per_second=0.0)

@@ -1,0 +1,172 @@
+"""Gene imputation through SPATIA's gene decoder (paper section 5.4, "gene imputation").
+
+`GeneDecoderImputer` fills in held-out genes of cells of a MIST dataset with a trained model:
+
+1. each queried cell's held-out genes are removed from its input: their counts are zeroed and
+   they are marked *unmeasured*, so they neither become gene tokens nor count towards the
+   library size the model normalises by (the model cannot tell them from genes the panel lacks);
+2. the cell is embedded with its multi-scale context exactly as `spatia embed` does (whole
+   tissue regions per batch, no masking, no dropout; other cells of its niche and region keep
+   all their genes, as they would for a user imputing one cell);
+3. the cell-level gene decoder reads the unified embedding `z` and predicts, for each held-out
+   gene, the normalised expression `log1p(count / total * target_sum)` it was trained on;
+4. the prediction is turned back into expected raw counts: `expm1(v) * total / target_sum`,
+   with the full library size estimated as `visible_total / (1 - f)` where `f` is the predicted
+   fraction of the library in the held-out genes (clipped to 0.9).
+
+It implements the evaluation's `Imputer` contract (`spatia.evaluate.baselines`):
+``imputer(counts, held_out_mask, obs_names) -> predicted raw counts`` with ``counts`` the
+float32 CSR (Q, G) of raw counts (held-out entries zeroed) in the order of `gene_names`.
+Only held-out entries of the result are meaningful; the others repeat the visible counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from spatia.errors import InputDataError
+
+log = logging.getLogger(__name__)
+
+MAX_HELD_OUT_FRACTION = 0.9
+"""Upper clip on the predicted fraction of a library that the held-out genes hold."""
+
+
+def cell_names(cell_index) -> np.ndarray:
+    """The AnnData obs names `spatia embed` gives the cells of a dataset's cell index, in index
+    order: the cell ID, or `slide_id/cell_id` when IDs repeat across slides."""
+    ids = cell_index["cell_id"].astype(str)
+    if ids.duplicated().any():
+        ids = cell_index["slide_id"].astype(str) + "/" + ids
+    return ids.to_numpy()
+
+
+class GeneDecoderImputer:
+    """Imputes held-out genes of dataset cells with a `SpatiaModel`'s cell-level gene decoder.
+
+    Args:
+        model: a trained `SpatiaModel` (its vocabulary must be the dataset's).
+        dataset: the MIST dataset directory the cells come from (images and context).
+        gene_names: the gene symbols of the columns of the counts the imputer will be given
+            (e.g. ``adata.var_names``); every one must be in the model's vocabulary.
+        levels: the levels to run (those the checkpoint's stage trained).
+        batch_cells: cells per batch (whole tissue regions are kept together).
+        device: torch device to run on.
+        source: where the model came from (named in error messages).
+    """
+
+    def __init__(self, model, dataset: str | Path, gene_names, *, levels: tuple[str, ...] = ("cell", "niche", "tissue"),
+                 batch_cells: int = 512, device: str | torch.device = "cpu", source: str | Path = "<model in memory>"):
+        from spatia.mist.datasets import MultiScaleDataset
+        from spatia.model import check_levels
+        from spatia.train.checkpoints import check_vocabulary
+
+        self.dataset_path = Path(dataset)
+        self.context = MultiScaleDataset(self.dataset_path, split=None)
+        check_vocabulary(list(model.gene_symbols), self.context.genes, checkpoint=Path(source), dataset=self.dataset_path)
+        if model.config.loss.cell.gene <= 0:
+            raise InputDataError("the model's cell-level gene decoder was never trained (loss weight cell.gene is 0)",
+                                 fix="impute with a checkpoint pretrained with a gene loss at the cell level")
+        vocabulary = {g: i for i, g in enumerate(model.gene_symbols)}
+        names = [str(g) for g in gene_names]
+        missing = [g for g in names if g not in vocabulary]
+        if missing:
+            raise InputDataError(f"{len(missing)} genes of the counts are not in the model's vocabulary "
+                                 f"(e.g. {', '.join(missing[:3])})", path=self.dataset_path,
+                                 fix="impute on counts whose genes are the dataset's (the .h5ad of `spatia embed`)")
+        self.gene_columns = np.asarray([vocabulary[g] for g in names], dtype=np.int64)
+        self.model = model.to(device)
+        self.device = torch.device(device)
+        self.levels = check_levels(levels)
+        self.batch_cells = int(batch_cells)
+        names_of_rows = cell_names(self.context.cell_index)
+        self.row_of_name = {name: row for row, name in enumerate(names_of_rows)}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, dataset: str | Path, gene_names, *, batch_cells: int = 512,
+                        device: str | torch.device = "cpu") -> GeneDecoderImputer:
+        """Load a `spatia pretrain` checkpoint; the levels are those its stage trained."""
+        from spatia.train.checkpoints import load_model
+
+        model, info = load_model(checkpoint)
+        return cls(model, dataset, gene_names, levels=info.levels, batch_cells=batch_cells, device=device,
+                   source=checkpoint)
+
+    def __call__(self, counts: sp.csr_matrix, held_out_mask: np.ndarray, obs_names: np.ndarray) -> np.ndarray:
+        from spatia.train.data import EmbeddingDataset, embedding_batches
+
+        counts = sp.csr_matrix(counts, dtype=np.float32)
+        held_out_mask = np.asarray(held_out_mask, dtype=bool)
+        if counts.shape != held_out_mask.shape or counts.shape[1] != len(self.gene_columns):
+            raise InputDataError(f"counts {counts.shape} and mask {held_out_mask.shape} must both be "
+                                 f"(cells, {len(self.gene_columns)} genes)", fix="pass the counts of the imputer's genes")
+        unknown = [str(n) for n in obs_names if str(n) not in self.row_of_name]
+        if unknown:
+            raise InputDataError(f"{len(unknown)} cells are not in the MIST dataset (e.g. {', '.join(unknown[:3])})",
+                                 path=self.dataset_path, fix="impute cells of the dataset the embeddings came from")
+        rows = np.asarray([self.row_of_name[str(n)] for n in obs_names], dtype=np.int64)
+        query_of_row = np.full(len(self.context.cell_index), -1, dtype=np.int64)
+        query_of_row[rows] = np.arange(len(rows))
+        predicted = counts.toarray().astype(np.float64)
+        plans = embedding_batches(self.context, query_of_row >= 0, self.batch_cells)
+        batches = EmbeddingDataset(self.context, plans)
+        target_sum = float(self.model.config.gene.target_sum)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in range(len(batches)):
+                self._impute_batch(batches[i], query_of_row, counts, held_out_mask, predicted, target_sum)
+        finally:
+            self.model.train(was_training)
+        return predicted
+
+    def _impute_batch(self, batch: dict[str, Any], query_of_row: np.ndarray, counts: sp.csr_matrix,
+                      held_out_mask: np.ndarray, predicted: np.ndarray, target_sum: float) -> None:
+        """Impute the queried cells of one embedding batch into `predicted` (Q, G), in place."""
+        batch.pop("keep")
+        queries = query_of_row[batch.pop("cell_row").numpy()]
+        in_batch = np.flatnonzero(queries >= 0)
+        queries = queries[in_batch]
+        self._hide(batch, in_batch, queries, counts, held_out_mask)
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.no_grad():
+            z = self.model.embed(batch, levels=self.levels).z[torch.from_numpy(in_batch).to(self.device)]
+            predicted_norm = self._decode(z, queries, held_out_mask)
+        visible_total = np.where(held_out_mask[queries], 0.0, counts[queries].toarray()).sum(axis=1)
+        for j, q in enumerate(queries):
+            genes = np.flatnonzero(held_out_mask[q])
+            fraction = np.expm1(predicted_norm[j, : len(genes)].astype(np.float64)).clip(min=0.0) / target_sum
+            held_share = min(float(fraction.sum()), MAX_HELD_OUT_FRACTION)
+            predicted[q, genes] = fraction * visible_total[j] / (1.0 - held_share)
+
+    def _hide(self, batch: dict[str, Any], in_batch: np.ndarray, queries: np.ndarray, counts: sp.csr_matrix,
+              held_out_mask: np.ndarray) -> None:
+        """Put each queried cell's visible counts in the batch and mark its held-out genes unmeasured."""
+        if len(in_batch) == 0:
+            return
+        cell_counts, measured = batch["cell_counts"], batch["cell_gene_measured"]
+        visible = torch.from_numpy(counts[queries].toarray())
+        held = torch.from_numpy(held_out_mask[queries])
+        columns = torch.from_numpy(self.gene_columns)
+        rows = torch.from_numpy(in_batch)
+        cell_counts[rows[:, None], columns[None, :]] = visible.to(cell_counts.dtype)
+        row_measured = measured[rows]
+        row_measured[:, columns] = row_measured[:, columns] & ~held
+        measured[rows] = row_measured
+
+    def _decode(self, z: torch.Tensor, queries: np.ndarray, held_out_mask: np.ndarray) -> np.ndarray:
+        """Predicted normalised expression (Q, W) of each queried cell's held-out genes, left-aligned."""
+        held = held_out_mask[queries]
+        width = max(int(held.sum(axis=1).max()) if len(queries) else 0, 1)
+        index = np.zeros((len(queries), width), dtype=np.int64)
+        for j in range(len(queries)):
+            genes = self.gene_columns[np.flatnonzero(held[j])]
+            index[j, : len(genes)] = genes
+        out = self.model.gene_decoder(z, "cell", torch.from_numpy(index).to(z.device))
+        return out.float().cpu().numpy()

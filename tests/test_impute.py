@@ -1,0 +1,109 @@
+"""`GeneDecoderImputer`: held-out genes never reach the model, predictions match a by-hand
+forward pass through the gene decoder, do not depend on the batching, and bad input is refused.
+
+Whether a *trained* decoder imputes better than an untrained one is tested with the learning
+test (tests/test_train_learning.py), which trains long enough for it to matter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from spatia.errors import InputDataError
+from spatia.evaluate.tasks import hold_out_mask
+from spatia.mist import MultiScaleDataset, collate_multiscale
+from spatia.model import normalize_counts
+from spatia.train import embed_dataset, load_model
+from spatia.train.impute import GeneDecoderImputer
+
+
+@pytest.fixture(scope="module")
+def cells(simulated_mist, simulated_checkpoint):
+    """The embedded AnnData (raw counts in X, obs_names as `spatia embed` writes them)."""
+    return embed_dataset(simulated_mist, simulated_checkpoint, threads=1, progress_bar=False).adata
+
+
+@pytest.fixture(scope="module")
+def query(cells):
+    """40 test cells spread over the section, their raw counts and a 10 % held-out mask."""
+    test_rows = np.flatnonzero(cells.obs["split"].to_numpy() == "test")
+    rows = np.sort(np.random.default_rng(0).choice(test_rows, size=40, replace=False))
+    counts = sp.csr_matrix(cells.X[rows], dtype=np.float32).toarray()
+    mask = hold_out_mask(*counts.shape, 0.1, seed=0)
+    return rows, counts, mask
+
+
+def _imputer(simulated_mist, simulated_checkpoint, cells, **kwargs):
+    return GeneDecoderImputer.from_checkpoint(simulated_checkpoint, simulated_mist, cells.var_names, **kwargs)
+
+
+def test_held_out_counts_never_reach_the_model(simulated_mist, simulated_checkpoint, cells, query):
+    rows, counts, mask = query
+    imputer = _imputer(simulated_mist, simulated_checkpoint, cells)
+    names = cells.obs_names.to_numpy()[rows]
+    hidden = sp.csr_matrix(np.where(mask, 0.0, counts).astype(np.float32))
+    leaked = sp.csr_matrix(np.where(mask, counts + 50.0, counts).astype(np.float32))  # true (and inflated) values
+    pred_hidden = imputer(hidden, mask, names)
+    pred_leaked = imputer(leaked, mask, names)
+    np.testing.assert_allclose(pred_hidden[mask], pred_leaked[mask], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(pred_hidden).all() and (pred_hidden[mask] >= 0).all()
+    # entries that were not held out come back as given
+    np.testing.assert_array_equal(pred_hidden[~mask], counts[~mask])
+    # the prediction is not the zero the input held: the decoder filled it in
+    assert (pred_hidden[mask] > 0).mean() > 0.9
+
+
+def test_matches_a_forward_pass_by_hand(simulated_mist, simulated_checkpoint, cells, query):
+    """One tissue region: hide the genes, embed the region, decode z, undo the normalisation."""
+    model, info = load_model(simulated_checkpoint)
+    ds = MultiScaleDataset(simulated_mist, split=None)
+    region = ds.tissue_cell_rows[0]
+    names = cells.obs_names.to_numpy()[region]
+    counts = cells.X[region].toarray().astype(np.float32)
+    mask = hold_out_mask(*counts.shape, 0.2, seed=3)
+    visible = np.where(mask, 0.0, counts).astype(np.float32)
+    imputer = GeneDecoderImputer(model, simulated_mist, cells.var_names, levels=info.levels)
+    pred = imputer(sp.csr_matrix(visible), mask, names)
+
+    batch = collate_multiscale([ds[k] for k in ds.keys_for([0], region.tolist())])
+    batch["cell_counts"] = torch.from_numpy(visible)  # var order is the vocabulary order here
+    batch["cell_gene_measured"] = batch["cell_gene_measured"] & ~torch.from_numpy(mask)
+    z = model.embed(batch, levels=info.levels).z
+    target_sum = model.config.gene.target_sum
+    for j in (0, len(region) // 2, len(region) - 1):
+        genes = np.flatnonzero(mask[j])
+        with torch.no_grad():
+            v = model.gene_decoder(z[j : j + 1], "cell", torch.from_numpy(genes)[None]).numpy()[0].astype(np.float64)
+        share = np.expm1(v).clip(min=0) / target_sum
+        total = visible[j].sum() / (1.0 - min(share.sum(), 0.9))
+        np.testing.assert_allclose(pred[j, genes], share * total, rtol=1e-4, atol=1e-6)
+    # the model's input normalisation ignores the hidden genes: totals over visible genes only
+    values = normalize_counts(batch["cell_counts"], batch["cell_gene_measured"], target_sum)
+    assert torch.all(values[torch.from_numpy(mask)] == 0)
+
+
+def test_independent_of_batch_size_and_cell_order(simulated_mist, simulated_checkpoint, cells, query):
+    rows, counts, mask = query
+    names = cells.obs_names.to_numpy()[rows]
+    hidden = sp.csr_matrix(np.where(mask, 0.0, counts).astype(np.float32))
+    big = _imputer(simulated_mist, simulated_checkpoint, cells, batch_cells=4096)(hidden, mask, names)
+    small = _imputer(simulated_mist, simulated_checkpoint, cells, batch_cells=1)(hidden, mask, names)
+    np.testing.assert_allclose(big[mask], small[mask], rtol=1e-4, atol=1e-5)
+    order = np.arange(len(rows))[::-1]
+    reversed_pred = _imputer(simulated_mist, simulated_checkpoint, cells)(hidden[order], mask[order], names[order])
+    np.testing.assert_allclose(reversed_pred[order][mask], big[mask], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_is_refused(simulated_mist, simulated_checkpoint, cells, query):
+    rows, counts, mask = query
+    imputer = _imputer(simulated_mist, simulated_checkpoint, cells)
+    hidden = sp.csr_matrix(np.where(mask, 0.0, counts).astype(np.float32))
+    with pytest.raises(InputDataError, match="not in the MIST dataset"):
+        imputer(hidden, mask, np.array(["no-such-cell"] * len(rows)))
+    with pytest.raises(InputDataError, match="must both be"):
+        imputer(hidden[:, :-1], mask[:, :-1], cells.obs_names.to_numpy()[rows])
+    with pytest.raises(InputDataError, match="not in the model's vocabulary"):
+        GeneDecoderImputer.from_checkpoint(simulated_checkpoint, simulated_mist, ["NOT_A_GENE", *cells.var_names[:3]])
