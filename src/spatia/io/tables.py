@@ -26,6 +26,23 @@ GENE_FEATURE_TYPE = "Gene Expression"
 _REPLACE_FIX = "the file is damaged or not a Xenium output file: copy it again from the Xenium output folder"
 
 
+def release_unused_memory() -> None:
+    """Hand memory freed after a big read back to the system: Arrow's allocator and glibc's
+    malloc both keep freed pages for reuse, which otherwise stay in the process's RSS."""
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        pass
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 def note(problems: list[str], message: str) -> None:
     """Record a counted skip/repair: append to `problems` and log a warning."""
     problems.append(message)
@@ -291,62 +308,87 @@ class _VertexTable:
     """The columns of a boundaries file that polygons are built from, one row per vertex.
 
     Attributes:
-        id_codes: int (n_vertices,) index into `unique_ids` of each vertex's cell ID.
-        unique_ids: (n_ids,) the distinct raw cell IDs, in order of first appearance.
+        cell_row: int32 (n_vertices,) row of each vertex's cell in the kept cells, -1 if the
+            cell is not among them.
         xy: float64 (n_vertices, 2) vertex_x, vertex_y in um.
-        label_codes: int (n_vertices,) codes of ``label_id`` (None if the file has no such column).
+        label: (n_vertices,) ``label_id`` values (None if the file has no such column).
+        n_unknown_ids: distinct cell IDs of the file that are not among the kept cells.
     """
 
-    id_codes: np.ndarray
-    unique_ids: np.ndarray
+    cell_row: np.ndarray
     xy: np.ndarray
-    label_codes: np.ndarray | None
+    label: np.ndarray | None
+    n_unknown_ids: int
 
 
-def _read_vertex_table(path: Path) -> _VertexTable:
-    """Read a boundaries file without one Python string per vertex.
+_VERTEX_BATCH_ROWS = 1 << 20
+"""Vertices converted per Parquet batch (bounds the reader's transient memory on big sections)."""
 
-    Parquet stays in Arrow until the IDs are coded as integers (a section of 1M cells has ~25M
-    vertices; per-vertex Python strings alone would take over 1 GB), CSV goes through pandas.
+
+def _read_vertex_table(path: Path, cell_ids: pd.Index) -> _VertexTable:
+    """Read a boundaries file, IDs mapped to rows of `cell_ids`, without a Python string per vertex.
+
+    Parquet is read in batches of `_VERTEX_BATCH_ROWS` vertices and IDs are mapped once per
+    distinct ID of a batch (a section of 1M cells has ~25M vertices: per-vertex Python strings
+    alone would take over 1 GB). CSV goes through pandas in one piece.
     """
     required = ["cell_id", "vertex_x", "vertex_y"]
+    unknown: set[str] = set()
+
+    def rows_of(raw_ids: np.ndarray) -> np.ndarray:
+        codes, uniques = pd.factorize(raw_ids, sort=False)
+        unique_ids = ids_to_str(np.asarray(uniques), path=path)
+        row_of_unique = cell_ids.get_indexer(pd.Index(unique_ids, dtype=object))
+        unknown.update(unique_ids[row_of_unique < 0].tolist())
+        rows = row_of_unique[codes]
+        rows[codes < 0] = -1  # missing IDs
+        return rows.astype(np.int32)
+
     if not path.name.lower().endswith(".parquet"):
         df = read_table(path, columns=[*required, "label_id"])
         _require_columns(df, required, path)
-        id_codes, uniques = pd.factorize(df["cell_id"], sort=False)
         xy = np.column_stack([df["vertex_x"].to_numpy(np.float64), df["vertex_y"].to_numpy(np.float64)])
-        labels = pd.factorize(df["label_id"].to_numpy())[0] if "label_id" in df.columns else None
-        return _VertexTable(id_codes, np.asarray(uniques), xy, labels)
+        label = df["label_id"].to_numpy() if "label_id" in df.columns else None
+        return _VertexTable(rows_of(df["cell_id"].to_numpy()), xy, label, len(unknown))
 
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
+        handle = pq.ParquetFile(path)
+        names = handle.schema_arrow.names
         missing = [c for c in required if c not in names]
         if missing:
-            raise BundleError(
-                f"missing column(s) {missing}; found {names}", path=path, fix=f"a Xenium {path.name} has columns {required} (and more)"
-            )
-        table = pq.read_table(path, columns=[*required, *(["label_id"] if "label_id" in names else [])])
-        ids = table.column("cell_id")
-        unique = pc.unique(ids)
-        id_codes = pc.index_in(ids, value_set=unique).to_numpy(zero_copy_only=False)
-        xy = np.empty((table.num_rows, 2), dtype=np.float64)
-        xy[:, 0] = table.column("vertex_x").to_numpy()
-        xy[:, 1] = table.column("vertex_y").to_numpy()
-        labels = None
-        if "label_id" in names:
-            label_column = table.column("label_id")
-            labels = pc.index_in(label_column, value_set=pc.unique(label_column)).to_numpy(zero_copy_only=False)
-        unique_ids = unique.to_numpy(zero_copy_only=False)
+            raise BundleError(f"missing column(s) {missing}; found {names}", path=path,
+                              fix=f"a Xenium {path.name} has columns {required} (and more)")
+        with_label = "label_id" in names
+        n = handle.metadata.num_rows
+        cell_row = np.empty(n, dtype=np.int32)
+        xy = np.empty((n, 2), dtype=np.float64)
+        label = None
+        start = 0
+        for batch in handle.iter_batches(batch_size=_VERTEX_BATCH_ROWS, columns=[*required, *(["label_id"] if with_label else [])]):
+            stop = start + batch.num_rows
+            ids = batch.column("cell_id").dictionary_encode()
+            dictionary_rows = rows_of(ids.dictionary.to_numpy(zero_copy_only=False))
+            indices = ids.indices.to_numpy(zero_copy_only=False)
+            cell_row[start:stop] = np.where(np.isnan(indices), -1, dictionary_rows[np.nan_to_num(indices).astype(np.int64)]) \
+                if indices.dtype.kind == "f" else dictionary_rows[indices]
+            xy[start:stop, 0] = batch.column("vertex_x").to_numpy(zero_copy_only=False)
+            xy[start:stop, 1] = batch.column("vertex_y").to_numpy(zero_copy_only=False)
+            if with_label:
+                values = batch.column("label_id").to_numpy(zero_copy_only=False)
+                if label is None:
+                    label = np.empty(n, dtype=values.dtype if values.dtype.kind in "iuf" else object)
+                label[start:stop] = values
+            start = stop
     except (OSError, pa.ArrowException) as exc:
         raise BundleError(
             f"cannot read the Parquet table ({type(exc).__name__}: {str(exc)[:300]})", path=path, fix=_REPLACE_FIX
         ) from None
-    del table, ids
-    return _VertexTable(id_codes.astype(np.int64), unique_ids, xy, labels)
+    if label is None and with_label:
+        label = np.zeros(0, dtype=np.int64)
+    return _VertexTable(cell_row[:start], xy[:start], None if label is None else label[:start], len(unknown))
 
 
 def read_polygons(path: Path, cell_ids: pd.Index, problems: list[str], *, what: str) -> CellPolygons:
@@ -356,34 +398,41 @@ def read_polygons(path: Path, cell_ids: pd.Index, problems: list[str], *, what: 
     (several ``label_id`` values, or several separate runs of rows) keeps its first one (counted).
     Polygons with NaN vertices are dropped (counted). The closing vertex is removed.
     """
-    vertices = _read_vertex_table(path)
+    vertices = _read_vertex_table(path, cell_ids)
     n_cells = len(cell_ids)
     if len(vertices.xy) == 0:
         note(problems, f"{path.name}: the file holds no vertices; no {what} polygons")
         return CellPolygons(np.zeros(n_cells + 1, dtype=np.int64), np.zeros((0, 2)))
-    codes_raw, xy = vertices.id_codes, vertices.xy
-    unique_ids = ids_to_str(vertices.unique_ids, path=path)
-    row_of_unique = cell_ids.get_indexer(pd.Index(unique_ids, dtype=object))
-    code = row_of_unique[codes_raw]
-    unknown_ids = int((row_of_unique < 0).sum())
-    if unknown_ids:
-        note(problems, f"{path.name}: {unknown_ids} {what} polygons belong to cells not in the kept cells; skipped")
-    keep = code >= 0
+    code, xy = vertices.cell_row, vertices.xy
+    if vertices.n_unknown_ids:
+        note(problems, f"{path.name}: {vertices.n_unknown_ids} {what} polygons belong to cells not in the kept cells; skipped")
     # one polygon per cell: the first label_id, or else the first contiguous run of rows
-    if vertices.label_codes is not None:
-        part = vertices.label_codes
+    if vertices.label is not None:
+        part = pd.factorize(vertices.label)[0].astype(np.int32)
     else:
-        part = np.concatenate([[0], np.cumsum(code[1:] != code[:-1])])
-    part_key = pd.Series(part[keep])
-    first_part = part_key.groupby(code[keep]).transform("first").to_numpy()
-    multi = part_key.groupby(code[keep]).nunique()
-    n_multi = int((multi > 1).sum())
+        part = np.zeros(len(code), dtype=np.int32)
+        part[1:] = np.cumsum(code[1:] != code[:-1])
+    # runs of vertices with the same (cell, part): about one per polygon, so the per-cell
+    # bookkeeping below works on runs, not on vertices
+    run_start = np.flatnonzero(np.r_[True, (code[1:] != code[:-1]) | (part[1:] != part[:-1])])
+    run_cell, run_part = code[run_start], part[run_start]
+    known = run_cell >= 0
+    first_run_of_cell = np.full(n_cells, -1, dtype=np.int64)
+    cells_seen, first = np.unique(run_cell[known], return_index=True)
+    first_run_of_cell[cells_seen] = np.flatnonzero(known)[first]
+    first_part = np.full(n_cells, -1, dtype=np.int32)
+    first_part[cells_seen] = run_part[first_run_of_cell[cells_seen]]
+    pairs = np.unique(np.stack([run_cell[known], run_part[known]], axis=1), axis=0)
+    n_multi = int((np.bincount(pairs[:, 0], minlength=n_cells) > 1).sum())
     if n_multi:
         note(problems, f"{path.name}: {n_multi} cells have several {what} polygons; kept the first of each")
-    keep_idx = np.flatnonzero(keep)[part[keep] == first_part]
-    code, xy = code[keep_idx], xy[keep_idx]
-    order = np.argsort(code, kind="stable")
-    code, xy = code[order], xy[order]
+    run_kept = known & (run_part == first_part[np.maximum(run_cell, 0)])
+    keep = np.repeat(run_kept, np.diff(np.r_[run_start, len(code)]))
+    del part
+    code, xy = code[keep], xy[keep]
+    if len(code) and np.any(code[1:] < code[:-1]):  # not grouped by cell in cell order: sort
+        order = np.argsort(code, kind="stable")
+        code, xy = code[order], xy[order]
     counts = np.bincount(code, minlength=n_cells)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     # drop the closing vertex (Xenium repeats the first vertex at the end)
@@ -459,8 +508,10 @@ def read_feature_matrix(path: Path) -> FeatureMatrix:
                 raise BundleError(f"not a 10x feature matrix: missing matrix/{missing}", path=path, fix=fix)
             n_features, n_cells = (int(v) for v in group["shape"][:2])
             data = _counts_dtype(group["data"][:])
-            indices = group["indices"][:].astype(np.int64)
-            indptr = group["indptr"][:].astype(np.int64)
+            # int32 indices where they fit (as scipy would convert them anyway): half the memory
+            index_dtype = np.int32 if max(n_features, len(data)) < np.iinfo(np.int32).max else np.int64
+            indices = group["indices"][:].astype(index_dtype, copy=False)
+            indptr = group["indptr"][:].astype(index_dtype, copy=False)
             barcodes = ids_to_str(group["barcodes"][:], path=path)
             feature_ids = ids_to_str(group["features/id"][:], path=path)
             names = ids_to_str(group["features/name"][:], path=path)

@@ -37,6 +37,7 @@ from spatia.io.tables import (
     read_clusterings,
     read_feature_matrix,
     read_polygons,
+    release_unused_memory,
 )
 
 if TYPE_CHECKING:
@@ -414,6 +415,7 @@ def read_xenium(
     morphology: str | Path | None = None,
     min_id_overlap: float = MIN_ID_OVERLAP,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    read_nucleus_boundaries: bool = True,
 ) -> XeniumSlide:
     """Read a Xenium Onboard Analysis output folder (v1 or v2).
 
@@ -427,6 +429,8 @@ def read_xenium(
             ``morphology.ome.tif``, in that order; z-stacks are max-projected).
         min_id_overlap: see `MIN_ID_OVERLAP`.
         cache_bytes: decoded-tile cache budget of each image.
+        read_nucleus_boundaries: False leaves ``nucleus_boundaries`` None without reading the
+            file (the MIST builder needs cell boundaries only; this saves its memory).
 
     Raises:
         BundleError: missing required files, unreadable files, empty or inconsistent bundles.
@@ -496,11 +500,16 @@ def read_xenium(
         cells, matrix_rows = cells[finite], matrix_rows[finite]
     if len(cells) == 0:
         raise BundleError("no cells left to read (every cell was dropped, see above)", path=folder, fix=_BUNDLE_CONTENTS)
-    counts_all = matrix.counts[matrix_rows]
+    same_rows = len(matrix_rows) == matrix.counts.shape[0] and np.array_equal(matrix_rows, np.arange(len(matrix_rows)))
+    counts_all = matrix.counts if same_rows else matrix.counts[matrix_rows]
     is_gene = matrix.is_gene
     counts = sp.csr_matrix(counts_all[:, np.flatnonzero(is_gene)])
     control_counts = sp.csr_matrix(counts_all[:, np.flatnonzero(~is_gene)])
     gene_names = [str(x) for x in matrix.feature_names[is_gene]]
+    gene_ids = [str(x) for x in matrix.feature_ids[is_gene]]
+    control_names = [str(x) for x in matrix.feature_names[~is_gene]]
+    control_types = [str(x) for x in matrix.feature_types[~is_gene]]
+    del counts_all, matrix  # the whole matrix is no longer needed: free it before the polygons are read
     if len(set(gene_names)) != len(gene_names):
         note(problems, f"{matrix_path.name}: {len(gene_names) - len(set(gene_names))} duplicated gene names (made unique in AnnData)")
     if not is_gene.any():
@@ -515,7 +524,7 @@ def read_xenium(
     width_um, height_um = image.extent_um
     boundaries: dict[str, CellPolygons | None] = {}
     for key, names, what in (("cell", CELL_BOUNDARY_FILES, "cell"), ("nucleus", NUCLEUS_BOUNDARY_FILES, "nucleus")):
-        found = _first(folder, names)
+        found = _first(folder, names) if key == "cell" or read_nucleus_boundaries else None
         if found is None:
             boundaries[key] = None
             continue
@@ -563,10 +572,10 @@ def read_xenium(
         cells=cells,
         counts=counts,
         gene_names=gene_names,
-        gene_ids=[str(x) for x in matrix.feature_ids[is_gene]],
+        gene_ids=gene_ids,
         control_counts=control_counts,
-        control_names=[str(x) for x in matrix.feature_names[~is_gene]],
-        control_types=[str(x) for x in matrix.feature_types[~is_gene]],
+        control_names=control_names,
+        control_types=control_types,
         cell_boundaries=boundaries["cell"],
         nucleus_boundaries=boundaries["nucleus"],
         cluster_columns=cluster_columns,
@@ -575,5 +584,6 @@ def read_xenium(
         metadata=metadata,
         files_read=files_read,
     )
+    release_unused_memory()
     log.info("read %r", slide)
     return slide

@@ -44,6 +44,7 @@ import scipy.sparse as sp
 
 from spatia.console import progress
 from spatia.errors import DatasetError, InputDataError, OutputExistsError
+from spatia.io.tables import release_unused_memory
 from spatia.mist.config import BuildConfig
 from spatia.mist.geometry import (
     ZERO_AREA_PX2,
@@ -146,7 +147,7 @@ def _load(source: Any):
     if isinstance(source, (str, Path)):
         from spatia.io.xenium import read_xenium
 
-        return read_xenium(source)
+        return read_xenium(source, read_nucleus_boundaries=False)
     return source
 
 
@@ -635,16 +636,70 @@ def make_job(
 # ---------------------------------------------------------------------------------------------
 
 
-def slide_index_tables(
-    plan: SlidePlan, slide: Any, config: BuildConfig
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The cell, niche and tissue index rows of one slide, in record order (chunk by chunk)."""
-    sid, ps, tn = plan.slide_id, plan.pixel_size_um, config.tissue_niches
-    rows = np.concatenate([plan.chunk_cells[c] for c in plan.chunks]) if plan.chunks else np.zeros(0, dtype=np.int64)
-    cells_df = slide.cells
-    cell_ids = np.asarray(cells_df.index.astype(str))[rows]
-    nrc, trc = plan.niche_rc[rows], plan.tissue_rc[rows]
+INDEX_BATCH_CELLS = 50_000
+"""Cells per row group of the cell index while it is written: bounds the builder's memory for
+the index whatever the slide size."""
+
+
+def write_cell_index(plan: SlidePlan, slide: Any, config: BuildConfig, path: Path) -> dict[str, int]:
+    """Write one slide's cell index rows (record order, chunk by chunk) to `path` in row groups
+    of about `INDEX_BATCH_CELLS` cells, through a temporary file; returns cells per split."""
+    truth = _ground_truth(slide)
+    if truth is not None and plan.chunks:
+        kept_ids = slide.cells.index[np.concatenate([plan.chunk_cells[c] for c in plan.chunks])].astype(str)
+        if not kept_ids.isin(truth.index).all():
+            # cells without ground truth get NaN: make every numeric or boolean column float in
+            # all row groups, not only in those that happen to hold such a cell
+            numeric = [c for c in truth.columns if pd.api.types.is_bool_dtype(truth[c]) or pd.api.types.is_numeric_dtype(truth[c])]
+            truth = truth.astype({c: np.float64 for c in numeric})
     counts = _counts_csr(slide)
+    groups: list[list[np.ndarray]] = [[]]
+    size = 0
+    for c in plan.chunks:
+        rows = plan.chunk_cells[c]
+        if size and size + len(rows) > INDEX_BATCH_CELLS:
+            groups.append([])
+            size = 0
+        groups[-1].append(rows)
+        size += len(rows)
+    splits: dict[str, int] = {}
+    tmp = path.with_name(path.name + ".tmp")
+    writer = None
+    try:
+        for group in groups:
+            rows = np.concatenate(group) if group else np.zeros(0, dtype=np.int64)
+            frame = cell_index_rows(plan, slide, config, rows, counts, truth)
+            for name, n in frame["split"].value_counts().items():
+                splits[str(name)] = splits.get(str(name), 0) + int(n)
+            if writer is None:
+                schema = _arrow_schema(frame)
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
+            del frame
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, path)
+    return splits
+
+
+def _arrow_schema(frame: pd.DataFrame) -> pa.Schema:
+    """The Arrow schema of an index frame with text (object) columns typed as strings, so that
+    every row group of a file has the same schema even where a batch holds only missing text."""
+    fields = []
+    for name in frame.columns:
+        dtype = frame[name].dtype
+        fields.append(pa.field(name, pa.string() if dtype == object else pa.from_numpy_dtype(dtype)))
+    return pa.schema(fields)
+
+
+def cell_index_rows(plan: SlidePlan, slide: Any, config: BuildConfig, rows: np.ndarray, counts: sp.csr_matrix,
+                    truth: pd.DataFrame | None) -> pd.DataFrame:
+    """The cell index rows of the slide's cells `rows` (in that order)."""
+    sid, ps = plan.slide_id, plan.pixel_size_um
+    cells_df = slide.cells
+    cell_ids = np.asarray(cells_df.index[rows].astype(str))
+    nrc, trc = plan.niche_rc[rows], plan.tissue_rc[rows]
     columns: dict[str, Any] = {
         "key": [cell_key(sid, c) for c in cell_ids],
         "slide_id": sid,
@@ -681,7 +736,6 @@ def slide_index_tables(
             columns[f"qc_{column}"] = _as_text(values)
     for column in slide.cluster_columns:
         columns[f"label_{column}"] = _as_text(cells_df[column].to_numpy()[rows])
-    truth = _ground_truth(slide)
     if truth is not None:
         aligned = truth.reindex(cell_ids)
         for column in aligned.columns:
@@ -690,8 +744,12 @@ def slide_index_tables(
                 columns[f"truth_{column}"] = values.to_numpy()
             else:
                 columns[f"truth_{column}"] = _as_text(values.to_numpy())
-    cells = pd.DataFrame(columns)
+    return pd.DataFrame(columns)
 
+
+def region_index_tables(plan: SlidePlan, config: BuildConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The niche and tissue index rows of one slide, in record order (chunk by chunk)."""
+    sid, ps, tn = plan.slide_id, plan.pixel_size_um, config.tissue_niches
     # niches and tissue regions, chunk by chunk (record order)
     niche_rc, niche_tissue, niche_cells, niche_totals, niche_split = [], [], [], [], []
     tissue_rows = []
@@ -752,7 +810,7 @@ def slide_index_tables(
         {"slide_index": np.int32, "tissue_row": np.int32, "tissue_col": np.int32, "n_niches": np.int32, "n_cells": np.int32}
     )
     tissues_df = tissues_df.astype({"x0_px": np.int64, "y0_px": np.int64, "total_counts": np.int64})
-    return cells, niches_df, tissues_df
+    return niches_df, tissues_df
 
 
 def _as_text(values: np.ndarray) -> np.ndarray:
@@ -789,9 +847,12 @@ def _ground_truth(slide: Any) -> pd.DataFrame | None:
     root = getattr(slide, "path", None)
     if root is None or not (Path(root) / GROUND_TRUTH_FILE).is_file():
         return None
-    truth = pd.read_parquet(Path(root) / GROUND_TRUTH_FILE)
+    path = Path(root) / GROUND_TRUTH_FILE
+    # text columns as dictionaries (pandas categoricals): one Python string per category, not per cell
+    text = [f.name for f in pq.read_schema(path) if f.name != "cell_id" and pa.types.is_string(f.type)]
+    truth = pq.read_table(path, read_dictionary=text).to_pandas()
     if "cell_id" not in truth.columns:
-        log.warning("%s has no cell_id column; ignored", Path(root) / GROUND_TRUTH_FILE)
+        log.warning("%s has no cell_id column; ignored", path)
         return None
     truth["cell_id"] = truth["cell_id"].astype(str)
     return truth.drop_duplicates("cell_id").set_index("cell_id")
@@ -840,6 +901,8 @@ class _Stores:
         write_records(self.levels["tissue"], [item for r in buffered for item in r.tissues])
         keys = [r.chunk_key for r in buffered]
         write_records(self.progress, [(f"chunk/{key}".encode(), b"1") for key in keys])
+        del buffered
+        release_unused_memory()  # the freed records would otherwise stay in this process's RSS
         return keys
 
     def is_done(self, key: str) -> bool:
@@ -1110,12 +1173,15 @@ def _build_slide(
                 committed(future.result())
     report(stores.flush())
 
-    cells_df, niches_df, tissues_df = slide_index_tables(plan, slide, config)
-    for level, frame in zip(LEVELS, (cells_df, niches_df, tissues_df)):
-        part = out_dir / BUILD_DIR_NAME / "index" / f"{k:05d}_{level}.parquet"
+    index_dir = out_dir / BUILD_DIR_NAME / "index"
+    cell_splits = write_cell_index(plan, slide, config, index_dir / f"{k:05d}_cell.parquet")
+    niches_df, tissues_df = region_index_tables(plan, config)
+    for level, frame in (("niche", niches_df), ("tissue", tissues_df)):
+        part = index_dir / f"{k:05d}_{level}.parquet"
         tmp = part.with_name(part.name + ".tmp")
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, part)
+    release_unused_memory()
 
     kept = plan.kept
     skipped = {name: int((plan.reason == i + 1).sum()) for i, name in enumerate(SKIP_REASONS)}
@@ -1143,7 +1209,7 @@ def _build_slide(
         "cluster_columns": list(slide.cluster_columns),
         "split": None if split is None else SPLIT_NAMES[split],
         "splits": {
-            "cell": cells_df["split"].value_counts().to_dict(),
+            "cell": {name: cell_splits[name] for name in SPLIT_NAMES if name in cell_splits},
             "niche": niches_df["split"].value_counts().to_dict(),
             "tissue": tissues_df["split"].value_counts().to_dict(),
         },
@@ -1169,13 +1235,14 @@ def _concat_parts(out_dir: Path, level: str, n_slides: int) -> int:
     n_rows = 0
     with pq.ParquetWriter(tmp, schema) as writer:
         for part in parts:
-            table = pq.read_table(part).replace_schema_metadata(None)
-            for name in schema.names:
-                if name not in table.column_names:
-                    table = table.append_column(name, pa.nulls(len(table), type=schema.field(name).type))
-            table = table.select(schema.names).cast(schema)
-            writer.write_table(table)
-            n_rows += len(table)
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=INDEX_BATCH_CELLS):
+                table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
+                for name in schema.names:
+                    if name not in table.column_names:
+                        table = table.append_column(name, pa.nulls(len(table), type=schema.field(name).type))
+                table = table.select(schema.names).cast(schema)
+                writer.write_table(table)
+                n_rows += len(table)
     os.replace(tmp, target)
     return n_rows
 
