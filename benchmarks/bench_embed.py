@@ -116,6 +116,7 @@ def main() -> None:
         "achieved_flops_per_s": round(flops / model_seconds),
         "peak_flops_per_s": round(use_peak),
         "fraction_of_peak": round(flops / model_seconds / use_peak, 3),
+        **({"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if device.startswith("cuda") else {}),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }))

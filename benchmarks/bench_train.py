@@ -13,6 +13,14 @@ configs with 64 px crops, `paper` for 224 px), then:
 3. trainer loop: `spatia.train.pretrain` end to end (Lightning, data loading included), timed
    from the first step after warm-up to the last.
 
+Also reported: `data_s_per_batch`, the seconds one process takes to read, decode and collate a
+batch (the pre-collation above, no workers); `train_batches_per_epoch` (an epoch visits each
+train region once, and the DataLoader's prefetch restarts at every epoch, so a small --cells
+makes the trainer loop wait for data at each epoch start); `trainer_step_s_median` beside the
+mean `trainer_step_s`; `trainer_num_workers` (--num-workers, default the config's); and on CUDA
+the peak GPU memory of each loop (`torch.cuda.max_memory_allocated`, GiB):
+`model_peak_gpu_mem_gib`, `trainer_peak_gpu_mem_gib`.
+
 Prints one JSON line:
 
     {"config": "tiny", "device": "cpu", "precision": "32-true", "threads": 2, "cells_per_batch": ...,
@@ -37,6 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -99,6 +108,8 @@ def main() -> None:
     parser.add_argument("--cells-per-tissue", type=int, default=None)
     parser.add_argument("--cells", type=int, default=3000, help="cells of the simulated section")
     parser.add_argument("--stage", default="joint")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="DataLoader workers of the trainer loop (default: the config's train.num_workers)")
     parser.add_argument("--no-trainer", action="store_true", help="skip the end-to-end Lightning loop")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spatia_bench_train")
     parser.add_argument("--seed", type=int, default=0)
@@ -123,6 +134,8 @@ def main() -> None:
         data["train"]["tissues_per_batch"] = args.tissues_per_batch
     if args.cells_per_tissue:
         data["train"]["cells_per_tissue"] = args.cells_per_tissue
+    if args.num_workers is not None:
+        data["train"]["num_workers"] = args.num_workers
     config = config_from_dict(data, source=config.name)
     precision = resolve_precision(args.precision, "gpu" if device.startswith("cuda") else "cpu")
     preset = "cpu" if config.image.cell_size_px == 64 else "paper"
@@ -131,10 +144,14 @@ def main() -> None:
     # ---- batches (pre-collated) and their FLOPs
     ds = MultiScaleDataset(dataset, split="train")
     sampler = LocalizedBatchSampler(ds, config.train.tissues_per_batch, config.train.cells_per_tissue, args.seed)
+    sampler.set_epoch(0)
+    batches_per_epoch = sum(1 for _ in sampler)
     batches = []
-    while len(batches) < args.steps + args.warmup:
+    start = time.perf_counter()
+    while len(batches) < args.steps + args.warmup:  # one process: reads, decoding, collation
         sampler.set_epoch(len(batches))
         batches += [collate_multiscale([ds[k] for k in keys]) for keys in sampler]
+    data_seconds = (time.perf_counter() - start) / len(batches)
     batches = batches[: args.steps + args.warmup]
     levels = STAGES[args.stage].levels
     torch.manual_seed(args.seed)
@@ -159,6 +176,9 @@ def main() -> None:
         else contextlib.nullcontext()
     params = module.trainable_parameters()
     device_batches = [to_device(b, device) for b in batches]
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i, batch in enumerate(device_batches):
         _sync(device)
@@ -171,6 +191,9 @@ def main() -> None:
         optimizer.step()
         _sync(device)
         times.append(time.perf_counter() - start)
+    memory = {}
+    if cuda:
+        memory["model_peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     timed = slice(args.warmup, None)
     model_seconds = sum(times[timed])
     cells = [len(b["cell_id"]) for b in batches]
@@ -185,6 +208,7 @@ def main() -> None:
                 self.start = None
                 self.cells = 0
                 self.steps = 0
+                self.marks = []
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if trainer.global_step == args.warmup:
@@ -193,13 +217,20 @@ def main() -> None:
                 if trainer.global_step >= args.warmup:
                     self.cells += len(batch["cell_id"])
                     self.steps += 1
+                    self.marks.append(time.perf_counter())
 
             def on_train_end(self, trainer, pl_module):
                 _sync(device)
                 self.seconds = time.perf_counter() - self.start
+                self.marks.append(self.start + self.seconds)
 
         timer = Timer()
         out_dir = args.work / f"run_{os.getpid()}"
+        if cuda:
+            del device_batches, out, optimizer
+            module.cpu()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
             pretrain(dataset, out_dir, config=config, stage=args.stage, seed=args.seed, threads=args.threads,
                      accelerator="gpu" if device.startswith("cuda") else "cpu", progress_bar=False,
@@ -209,7 +240,11 @@ def main() -> None:
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         trainer_stats = {"trainer_step_s": round(timer.seconds / timer.steps, 4),
-                         "trainer_cells_per_s": round(timer.cells / timer.seconds, 1)}
+                         "trainer_cells_per_s": round(timer.cells / timer.seconds, 1),
+                         "trainer_step_s_median": round(float(np.median(np.diff(timer.marks))), 4),
+                         "trainer_num_workers": config.train.num_workers}
+        if cuda:
+            memory["trainer_peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     peak_after = {"fp32": matmul_peak(device, torch.float32)}
     if device.startswith("cuda"):
@@ -236,7 +271,10 @@ def main() -> None:
         "peak_kind": f"{peak_key} matmul",
         "fraction_of_peak": round(achieved / peak, 3),
         "peak_fp32_flops_per_s": round(max(peak_before["fp32"], peak_after["fp32"])),
+        "data_s_per_batch": round(data_seconds, 4),
+        "train_batches_per_epoch": batches_per_epoch,
         **trainer_stats,
+        **memory,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }))

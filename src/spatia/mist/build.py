@@ -689,7 +689,9 @@ def _arrow_schema(frame: pd.DataFrame) -> pa.Schema:
     fields = []
     for name in frame.columns:
         dtype = frame[name].dtype
-        fields.append(pa.field(name, pa.string() if dtype == object else pa.from_numpy_dtype(dtype)))
+        # object (pandas 2) or StringDtype (pandas 3) text columns -> Arrow strings
+        text = dtype == object or pd.api.types.is_string_dtype(dtype)
+        fields.append(pa.field(name, pa.string() if text else pa.from_numpy_dtype(dtype)))
     return pa.schema(fields)
 
 
