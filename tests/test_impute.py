@@ -103,6 +103,9 @@ def test_bad_input_is_refused(simulated_mist, simulated_checkpoint, cells, query
     hidden = sp.csr_matrix(np.where(mask, 0.0, counts).astype(np.float32))
     with pytest.raises(InputDataError, match="not in the MIST dataset"):
         imputer(hidden, mask, np.array(["no-such-cell"] * len(rows)))
+    twice = np.r_[rows[:1], rows[:1]]
+    with pytest.raises(InputDataError, match="more than once"):
+        imputer(hidden[:2], mask[:2], cells.obs_names.to_numpy()[twice])
     with pytest.raises(InputDataError, match="must both be"):
         imputer(hidden[:, :-1], mask[:, :-1], cells.obs_names.to_numpy()[rows])
     with pytest.raises(InputDataError, match="not in the model's vocabulary"):

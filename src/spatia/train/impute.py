@@ -111,6 +111,9 @@ class GeneDecoderImputer:
             raise InputDataError(f"{len(unknown)} cells are not in the MIST dataset (e.g. {', '.join(unknown[:3])})",
                                  path=self.dataset_path, fix="impute cells of the dataset the embeddings came from")
         rows = np.asarray([self.row_of_name[str(n)] for n in obs_names], dtype=np.int64)
+        if len(np.unique(rows)) != len(rows):
+            raise InputDataError("a cell is asked for more than once", path=self.dataset_path,
+                                 fix="pass each cell once (one row per cell)")
         query_of_row = np.full(len(self.context.cell_index), -1, dtype=np.int64)
         query_of_row[rows] = np.arange(len(rows))
         predicted = counts.toarray().astype(np.float64)
