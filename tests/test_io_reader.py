@@ -279,3 +279,32 @@ def test_simulated_bundle(tmp_path, layout, z_planes):
         planes = tifffile.imread(result.path / "morphology.ome.tif")
         assert planes.shape[0] == z_planes
         assert np.array_equal(stack.read_window(100, 120, 64, 64), planes.max(axis=0)[120:184, 100:164])
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv.gz"])
+def test_read_polygons_rules_on_a_hand_made_file(tmp_path, suffix):
+    """Rows out of cell order, a cell with two label_ids, a closing vertex, an unknown cell and a
+    polygon with a NaN vertex: each rule of `read_polygons` against the answer written by hand."""
+    from spatia.io.tables import read_polygons
+
+    square = [(0, 0), (2, 0), (2, 2), (0, 2)]
+    rows = []
+    rows += [("c", x + 10, y, 7) for x, y in square]                  # c first in the file
+    rows += [("a", x, y, 1) for x, y in square + [square[0]]]         # closed: last vertex repeats the first
+    rows += [("ghost", 0, 0, 9)] * 4                                  # not a kept cell
+    rows += [("b", x + 5, y, 3) for x, y in square]                   # b's first polygon
+    rows += [("b", x + 50, y, 4) for x, y in square]                  # b's second polygon: dropped, counted
+    rows += [("d", 1.0, 1.0, 5), ("d", np.nan, 2.0, 5), ("d", 3.0, 3.0, 5)]  # NaN vertex: dropped
+    frame = pd.DataFrame(rows, columns=["cell_id", "vertex_x", "vertex_y", "label_id"])
+    path = tmp_path / f"cell_boundaries{suffix}"
+    frame.to_parquet(path) if suffix == ".parquet" else frame.to_csv(path, index=False)
+    problems: list[str] = []
+    polygons = read_polygons(path, pd.Index(["a", "b", "c", "d", "e"]), problems, what="cell")
+    assert polygons.offsets.tolist() == [0, 4, 8, 12, 12, 12]  # a, b, c; d dropped; e has none
+    np.testing.assert_array_equal(polygons.polygon(0), np.array(square, dtype=float))
+    np.testing.assert_array_equal(polygons.polygon(1), np.array(square, dtype=float) + [5, 0])
+    np.testing.assert_array_equal(polygons.polygon(2), np.array(square, dtype=float) + [10, 0])
+    text = " | ".join(problems)
+    assert "1 cell polygons belong to cells not in the kept cells" in text
+    assert "1 cells have several cell polygons" in text
+    assert "1 cell polygons have NaN vertices" in text
