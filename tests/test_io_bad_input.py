@@ -5,7 +5,6 @@ Every case copies the small files of the real section under tmp_path and damages
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import h5py
@@ -18,27 +17,16 @@ from typer.testing import CliRunner
 from spatia.cli import app
 from spatia.errors import BundleError, SpatiaError
 from spatia.io import read_xenium
+from helpers import copy_bundle
 
 pytestmark = pytest.mark.real_data
 
 NO_POLYGONS = ("cell_boundaries.parquet",)  # skip the largest table where a case does not need it
 
 
-def copy_bundle(source: Path, target: Path, skip: tuple[str, ...] = NO_POLYGONS) -> Path:
-    target.mkdir(parents=True)
-    for item in source.iterdir():
-        if item.name in skip:
-            continue
-        if item.is_dir():
-            shutil.copytree(item, target / item.name)
-        else:
-            shutil.copyfile(item, target / item.name)
-    return target
-
-
 @pytest.fixture
 def bundle(real_bundle, tmp_path) -> Path:
-    return copy_bundle(real_bundle, tmp_path / "bundle")
+    return copy_bundle(real_bundle, tmp_path / "bundle", skip=NO_POLYGONS)
 
 
 def genes_match_cells(slide) -> bool:

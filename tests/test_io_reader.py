@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -19,23 +18,11 @@ from typer.testing import CliRunner
 
 from spatia.cli import app
 from spatia.io import CellPolygons, XeniumSlide, read_xenium
+from helpers import copy_bundle
 
 @pytest.fixture(scope="module")
 def slide(real_bundle) -> XeniumSlide:
     return read_xenium(real_bundle)
-
-
-def copy_bundle(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:
-    """Copy the small files of a bundle (never modify the original)."""
-    target.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if item.name in skip:
-            continue
-        if item.is_dir():
-            shutil.copytree(item, target / item.name)
-        else:
-            shutil.copyfile(item, target / item.name)
-    return target
 
 
 def write_10x_h5(path: Path, counts: sp.spmatrix, barcodes, ids, names, types) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import lmdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,17 +14,10 @@ import shapely
 from spatia.errors import InputDataError
 from spatia.io.tables import CellPolygons
 from spatia.io.xenium import read_xenium
-from spatia.mist import BuildConfig, build_dataset, decode_record
+from spatia.mist import BuildConfig, build_dataset
+from helpers import decoded_records
 
 CONFIG = BuildConfig.cpu()
-
-
-def records(root, level):
-    env = lmdb.open(str(root / f"{level}.lmdb"), readonly=True, lock=False)
-    with env.begin() as txn:
-        out = {k.decode(): decode_record(v) for k, v in txn.cursor()}
-    env.close()
-    return out
 
 
 def in_memory(slide, **changes):
@@ -81,7 +73,7 @@ def test_bad_cells_are_skipped_or_repaired_and_counted(slide, tmp_path):
     assert index.loc[ids[bowtie], "repaired"] and index["repaired"].sum() == 1
     assert index.loc[ids[giant], "clipped"]
 
-    cell_records = records(out, "cell")
+    cell_records = decoded_records(out, "cell")
     factor = manifest["slides"][0]["scale"]["factor"]
     size = CONFIG.cell_image_px
     # the repaired cell's mask is the largest valid piece of its bow-tie
@@ -132,7 +124,7 @@ def test_slides_with_different_gene_panels_share_one_vocabulary(slide, tmp_path)
 
     index = pd.read_parquet(out / "cell_index.parquet")
     assert set(index.groupby("slide_id")["split"].unique().map(tuple)) == {("train",), ("test",)}
-    cell_records = records(out, "cell")
+    cell_records = decoded_records(out, "cell")
     position = {g: i for i, g in enumerate(vocabulary)}
     rows = slide.cells.index.get_indexer(index["cell_id"])
     for source, names, counts in ((slide_a, genes, slide.counts), (slide_b, names_b, counts_b)):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import lmdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,17 +14,9 @@ from typer.testing import CliRunner
 
 from spatia.cli import app
 from spatia.io.xenium import read_xenium
-from spatia.mist import decode_record
+from helpers import decoded_records
 
 pytestmark = pytest.mark.real_data
-
-
-def records(root, level):
-    env = lmdb.open(str(root / f"{level}.lmdb"), readonly=True, lock=False)
-    with env.begin() as txn:
-        out = {k.decode(): decode_record(v) for k, v in txn.cursor()}
-    env.close()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +63,7 @@ def test_crops_masks_and_sums_match_references(built, slide):
         align_corners=False, recompute_scale_factor=False,
     )[0, 0].numpy()  # fmt: skip
     index = pd.read_parquet(root / "cell_index.parquet")
-    cell_records = records(root, "cell")
+    cell_records = decoded_records(root, "cell")
     size = 64
     h, w = raw.shape
     radius = max(1.0, 1 / factor)
@@ -115,13 +106,13 @@ def test_crops_masks_and_sums_match_references(built, slide):
     # niche sums, tissue grids
     n_genes = len(manifest["genes"])
     niches = pd.read_parquet(root / "niche_index.parquet")
-    niche_records = records(root, "niche")
+    niche_records = decoded_records(root, "niche")
     by_niche = index.groupby("niche_id")["key"].apply(list)
     for niche in niches.itertuples():
         expected = sum(cell_records[k].dense_counts(n_genes, np.int64) for k in by_niche[niche.niche_id])
         np.testing.assert_array_equal(niche_records[niche.key].dense_counts(n_genes, np.int64), expected)
     tissues = pd.read_parquet(root / "tissue_index.parquet")
-    tissue_records = records(root, "tissue")
+    tissue_records = decoded_records(root, "tissue")
     for tissue in tissues.itertuples():
         slots = tissue_records[tissue.key].meta["niche_ids"]
         inside = niches[niches["tissue_id"] == tissue.tissue_id]

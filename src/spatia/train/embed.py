@@ -145,6 +145,15 @@ class EmbedData(L.LightningDataModule):
         return torch.utils.data.DataLoader(self.shard, batch_size=None, shuffle=False, num_workers=self.num_workers)
 
 
+def cell_names(cell_index) -> np.ndarray:
+    """The AnnData obs names `spatia embed` gives the cells of a dataset's cell index, in index
+    order: the cell ID, or `slide_id/cell_id` when IDs repeat across slides."""
+    ids = cell_index["cell_id"].astype(str)
+    if ids.duplicated().any():
+        ids = cell_index["slide_id"].astype(str) + "/" + ids
+    return ids.to_numpy()
+
+
 def _obs_table(index, rows: np.ndarray):
     import pandas as pd
 
@@ -152,10 +161,7 @@ def _obs_table(index, rows: np.ndarray):
     for column in obs.columns:
         if obs[column].dtype == object:
             obs[column] = obs[column].astype(str)
-    ids = obs["cell_id"].astype(str)
-    if index["cell_id"].astype(str).duplicated().any():
-        ids = obs["slide_id"].astype(str) + "/" + ids
-    obs.index = pd.Index(ids.to_numpy(), name=None)
+    obs.index = pd.Index(cell_names(index)[rows], name=None)
     return obs
 
 

@@ -38,15 +38,6 @@ MAX_HELD_OUT_FRACTION = 0.9
 """Upper clip on the predicted fraction of a library that the held-out genes hold."""
 
 
-def cell_names(cell_index) -> np.ndarray:
-    """The AnnData obs names `spatia embed` gives the cells of a dataset's cell index, in index
-    order: the cell ID, or `slide_id/cell_id` when IDs repeat across slides."""
-    ids = cell_index["cell_id"].astype(str)
-    if ids.duplicated().any():
-        ids = cell_index["slide_id"].astype(str) + "/" + ids
-    return ids.to_numpy()
-
-
 class GeneDecoderImputer:
     """Imputes held-out genes of dataset cells with a `SpatiaModel`'s cell-level gene decoder.
 
@@ -85,6 +76,8 @@ class GeneDecoderImputer:
         self.device = torch.device(device)
         self.levels = check_levels(levels)
         self.batch_cells = int(batch_cells)
+        from spatia.train.embed import cell_names
+
         names_of_rows = cell_names(self.context.cell_index)
         self.row_of_name = {name: row for row, name in enumerate(names_of_rows)}
 
@@ -140,13 +133,17 @@ class GeneDecoderImputer:
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with torch.no_grad():
             z = self.model.embed(batch, levels=self.levels).z[torch.from_numpy(in_batch).to(self.device)]
-            predicted_norm = self._decode(z, queries, held_out_mask)
-        visible_total = np.where(held_out_mask[queries], 0.0, counts[queries].toarray()).sum(axis=1)
-        for j, q in enumerate(queries):
-            genes = np.flatnonzero(held_out_mask[q])
-            fraction = np.expm1(predicted_norm[j, : len(genes)].astype(np.float64)).clip(min=0.0) / target_sum
-            held_share = min(float(fraction.sum()), MAX_HELD_OUT_FRACTION)
-            predicted[q, genes] = fraction * visible_total[j] / (1.0 - held_share)
+            held = held_out_mask[queries]
+            # each cell's held-out genes, left-aligned (columns of the counts, padded with column 0)
+            order = np.argsort(~held, axis=1, kind="stable")[:, : max(int(held.sum(axis=1).max(initial=0)), 1)]
+            valid = np.take_along_axis(held, order, axis=1)
+            index = torch.from_numpy(self.gene_columns[order]).to(self.device)
+            predicted_norm = self.model.gene_decoder(z, "cell", index).float().cpu().numpy().astype(np.float64)
+        fraction = np.where(valid, np.expm1(predicted_norm).clip(min=0.0) / target_sum, 0.0)
+        held_share = np.minimum(fraction.sum(axis=1), MAX_HELD_OUT_FRACTION)
+        visible_total = np.where(held, 0.0, counts[queries].toarray()).sum(axis=1)
+        cell_of = np.broadcast_to(queries[:, None], order.shape)
+        predicted[cell_of[valid], order[valid]] = (fraction * (visible_total / (1.0 - held_share))[:, None])[valid]
 
     def _hide(self, batch: dict[str, Any], in_batch: np.ndarray, queries: np.ndarray, counts: sp.csr_matrix,
               held_out_mask: np.ndarray) -> None:
@@ -162,14 +159,3 @@ class GeneDecoderImputer:
         row_measured = measured[rows]
         row_measured[:, columns] = row_measured[:, columns] & ~held
         measured[rows] = row_measured
-
-    def _decode(self, z: torch.Tensor, queries: np.ndarray, held_out_mask: np.ndarray) -> np.ndarray:
-        """Predicted normalised expression (Q, W) of each queried cell's held-out genes, left-aligned."""
-        held = held_out_mask[queries]
-        width = max(int(held.sum(axis=1).max()) if len(queries) else 0, 1)
-        index = np.zeros((len(queries), width), dtype=np.int64)
-        for j in range(len(queries)):
-            genes = self.gene_columns[np.flatnonzero(held[j])]
-            index[j, : len(genes)] = genes
-        out = self.model.gene_decoder(z, "cell", torch.from_numpy(index).to(z.device))
-        return out.float().cpu().numpy()
