@@ -268,11 +268,16 @@ def test_simulated_bundle(tmp_path, layout, z_planes):
         assert np.array_equal(stack.read_window(100, 120, 64, 64), planes.max(axis=0)[120:184, 100:164])
 
 
+@pytest.mark.parametrize("batch_rows", [1 << 20, 3, 1])
 @pytest.mark.parametrize("suffix", [".parquet", ".csv.gz"])
-def test_read_polygons_rules_on_a_hand_made_file(tmp_path, suffix):
+def test_read_polygons_rules_on_a_hand_made_file(tmp_path, suffix, batch_rows, monkeypatch):
     """Rows out of cell order, a cell with two label_ids, a closing vertex, an unknown cell and a
-    polygon with a NaN vertex: each rule of `read_polygons` against the answer written by hand."""
+    polygon with a NaN vertex: each rule of `read_polygons` against the answer written by hand,
+    read whole or in batches of 3 rows or 1 row (a polygon's rows cut across batches)."""
+    from spatia.io import tables
     from spatia.io.tables import read_polygons
+
+    monkeypatch.setattr(tables, "_VERTEX_BATCH_ROWS", batch_rows)
 
     square = [(0, 0), (2, 0), (2, 2), (0, 2)]
     rows = []

@@ -355,6 +355,41 @@ def test_worker_processes_write_the_same_dataset(built, simulated_bundle, tmp_pa
     assert_same(snapshot(out), snapshot(reference_root))
 
 
+def test_streamed_in_small_batches_or_given_in_memory_the_same_dataset(built, simulated_bundle, slide, tmp_path, monkeypatch):
+    """The builder streams counts, polygons and ground truth from the bundle's files in
+    batches: batch boundaries anywhere (inside a polygon's rows, a block of cells) change
+    nothing, and a slide handed over in memory gives the same records and index."""
+    from spatia.io import tables
+    from spatia.mist import staging
+
+    reference = snapshot(built[0])
+    monkeypatch.setattr(tables, "_VERTEX_BATCH_ROWS", 997)  # prime: runs of a polygon's rows are cut
+    monkeypatch.setattr(staging, "COUNT_BLOCK_NONZERO", 1_000)
+    monkeypatch.setattr(staging, "TRUTH_BATCH_ROWS", 333)
+    monkeypatch.setattr(build_module, "_VALIDITY_BATCH", 250)
+    out = tmp_path / "small_batches"
+    build_dataset([simulated_bundle], out, CONFIG, seed=0)
+    assert_same(snapshot(out), reference)
+
+    in_memory = snapshot_without_source(build_dataset([slide], tmp_path / "in_memory", CONFIG, seed=0).path)
+    expected = snapshot_without_source(built[0])
+    for level in ("cell", "niche", "tissue"):
+        assert in_memory["records"][level] == expected["records"][level], f"{level} records differ"
+        pd.testing.assert_frame_equal(in_memory["index"][level], expected["index"][level])
+    assert in_memory["manifest"] == expected["manifest"]
+
+
+def snapshot_without_source(root: Path) -> dict:
+    """`snapshot` without what names the source (a path or an in-memory object) and what the
+    reader read and noted (an in-memory read also reads the nucleus boundaries and notes
+    polygons past the image edge)."""
+    taken = snapshot(root)
+    for entry in taken["manifest"]["slides"]:
+        for name in ("source", "reader_problems", "source_checksums_sha256"):
+            entry.pop(name)
+    return taken
+
+
 def test_refusals(built, simulated_bundle, tmp_path, monkeypatch):
     root, _ = built
     with pytest.raises(OutputExistsError, match="complete MIST dataset already exists"):

@@ -11,17 +11,20 @@ from spatia.io.image import (
     MorphologyImage,
     read_alignment_csv,
 )
-from spatia.io.tables import CellPolygons, FeatureMatrix, read_feature_matrix
-from spatia.io.xenium import XeniumSlide, read_experiment, read_xenium
+from spatia.io.tables import CellPolygons, FeatureMatrix, FeatureMatrixFile, open_feature_matrix, read_feature_matrix
+from spatia.io.xenium import DeferredTables, XeniumSlide, read_experiment, read_xenium
 
 __all__ = [
     "DEFAULT_PIXEL_SIZE_UM",
     "CellPolygons",
+    "DeferredTables",
     "FeatureMatrix",
+    "FeatureMatrixFile",
     "HEImage",
     "MorphologyImage",
     "XeniumSlide",
     "read_alignment_csv",
+    "open_feature_matrix",
     "read_experiment",
     "read_feature_matrix",
     "read_xenium",

@@ -92,32 +92,65 @@ def ids_to_str(values: np.ndarray | pd.Series | list, *, path: Path | None = Non
 # ---------------------------------------------------------------------------------------------
 
 
+PARQUET_BATCH_ROWS = 65_536
+"""Rows per batch when a Parquet table is read in pieces."""
+
+
+def open_parquet_stream(path: Path):
+    """A `pyarrow.parquet.ParquetFile` that reads page by page: without pre-buffering, a batch
+    costs its own size, not its whole row group (Xenium writes tables of millions of rows as
+    one row group)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+
+
 def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """Read a Parquet or (gzipped) CSV table; any parse failure becomes `BundleError`."""
     name = path.name.lower()
     try:
         if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            schema_names = pq.read_schema(path).names
-            use = [c for c in columns if c in schema_names] if columns is not None else None
-            table = pq.read_table(path, columns=use)
-            return table.to_pandas()
+            handle = open_parquet_stream(path)
+            schema_names = handle.schema_arrow.names
+            use = [c for c in columns if c in schema_names] if columns is not None else schema_names
+            pieces: dict[str, list[pd.Series]] = {name: [] for name in use}
+            for batch in handle.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=use, use_threads=False):
+                for name in use:
+                    pieces[name].append(batch.column(name).to_pandas())
+            if not all(pieces.values()):
+                return handle.schema_arrow.empty_table().select(use).to_pandas()
+            # one column at a time: the frame, plus one column in two copies, at any moment
+            frame = pd.DataFrame(index=pd.RangeIndex(handle.metadata.num_rows))
+            for name in use:
+                parts = pieces.pop(name)
+                frame[name] = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+                del parts
+            return frame
         if name.endswith((".csv", ".csv.gz")):
             header = pd.read_csv(path, nrows=0).columns
             use = [c for c in columns if c in header] if columns is not None else None
             return pd.read_csv(path, usecols=use)
-    except (OSError, ValueError, EOFError, gzip.BadGzipFile, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise BundleError(
-            f"cannot read the table ({type(exc).__name__}: {str(exc)[:300]})", path=path, fix=_REPLACE_FIX
-        ) from None
-    except Exception as exc:  # pyarrow raises its own error classes (ArrowInvalid, ...)
-        if type(exc).__module__.startswith("pyarrow"):
-            raise BundleError(
-                f"cannot read the Parquet table ({type(exc).__name__}: {str(exc)[:300]})", path=path, fix=_REPLACE_FIX
-            ) from None
-        raise
+    except Exception as exc:
+        error = _read_error(exc, path)
+        if error is None:
+            raise
+        raise error from None
     raise BundleError("unsupported table format", path=path, fix="use .parquet, .csv or .csv.gz")
+
+
+_TABLE_READ_ERRORS = (OSError, ValueError, EOFError, gzip.BadGzipFile, pd.errors.ParserError, pd.errors.EmptyDataError)
+
+
+def _read_error(exc: Exception, path: Path) -> BundleError | None:
+    """The `BundleError` a failed table read becomes; None for an error that is not about the
+    file (a bug: re-raise it)."""
+    if isinstance(exc, BundleError):
+        return exc
+    if isinstance(exc, _TABLE_READ_ERRORS):
+        return BundleError(f"cannot read the table ({type(exc).__name__}: {str(exc)[:300]})", path=path, fix=_REPLACE_FIX)
+    if type(exc).__module__.startswith("pyarrow"):  # pyarrow raises its own error classes (ArrowInvalid, ...)
+        return BundleError(f"cannot read the Parquet table ({type(exc).__name__}: {str(exc)[:300]})", path=path, fix=_REPLACE_FIX)
+    return None
 
 
 def _require_columns(df: pd.DataFrame, required: list[str], path: Path) -> None:
@@ -152,9 +185,10 @@ def read_cells_table(path: Path) -> pd.DataFrame:
     """
     df = read_table(path)
     _require_columns(df, ["cell_id", "x_centroid", "y_centroid"], path)
-    ids = ids_to_str(df["cell_id"].to_numpy(), path=path)
-    df = df.drop(columns=["cell_id"]).rename(columns=_CELL_RENAMES)
+    ids = ids_to_str(df.pop("cell_id").to_numpy(), path=path)
+    df.rename(columns=_CELL_RENAMES, inplace=True)
     df.index = pd.Index(ids, name="cell_id", dtype=object)
+    del ids
     duplicated = df.index.duplicated()
     if duplicated.any():
         raise BundleError(
@@ -303,156 +337,228 @@ class CellPolygons:
         return out
 
 
+_VERTEX_BATCH_ROWS = 1 << 20
+"""Vertices read per batch of a boundaries file: bounds the reader's memory whatever the section
+size (a section of 1M cells has ~25M vertices)."""
+
+
 @dataclass
-class _VertexTable:
-    """The columns of a boundaries file that polygons are built from, one row per vertex.
+class PolygonLayout:
+    """Where each cell's polygon lies in the vertex array `scan_polygons` wrote (file order).
 
     Attributes:
-        cell_row: int32 (n_vertices,) row of each vertex's cell in the kept cells, -1 if the
-            cell is not among them.
-        xy: float64 (n_vertices, 2) vertex_x, vertex_y in um.
-        label: (n_vertices,) ``label_id`` values (None if the file has no such column).
-        n_unknown_ids: distinct cell IDs of the file that are not among the kept cells.
+        start: int64 (n_cells,): index of the polygon's first vertex in the written array.
+        n_vertices: int64 (n_cells,): its vertices, closing vertex excluded; 0 = no polygon.
+        n_written: vertices written (rows of the written array).
     """
 
-    cell_row: np.ndarray
-    xy: np.ndarray
-    label: np.ndarray | None
-    n_unknown_ids: int
+    start: np.ndarray
+    n_vertices: np.ndarray
+    n_written: int
+
+    def gather_index(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For the cells `rows` (in that order): offsets int64 (len(rows) + 1,) of their
+        polygons and the indices int64 of their vertices in the written array."""
+        counts = self.n_vertices[rows]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        index = np.repeat(self.start[rows] - offsets[:-1], counts) + np.arange(offsets[-1], dtype=np.int64)
+        return offsets, index
 
 
-_VERTEX_BATCH_ROWS = 1 << 20
-"""Vertices converted per Parquet batch (bounds the reader's transient memory on big sections)."""
+class VertexFile:
+    """A sink for `scan_polygons` writing float64 (x_um, y_um) rows to a file, read back with
+    `open()` (a read-only memory map; None while it is empty)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._handle = open(self.path, "wb")
+        self.n_rows = 0
+
+    def append(self, xy: np.ndarray) -> None:
+        self._handle.write(np.ascontiguousarray(xy, dtype=np.float64).tobytes())
+        self.n_rows += len(xy)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def open(self) -> np.ndarray | None:
+        if self.n_rows == 0:
+            return None
+        return np.memmap(self.path, dtype=np.float64, mode="r", shape=(self.n_rows, 2))
 
 
-def _read_vertex_table(path: Path, cell_ids: pd.Index) -> _VertexTable:
-    """Read a boundaries file, IDs mapped to rows of `cell_ids`, without a Python string per vertex.
+class _VertexList:
+    """The in-memory sink of `read_polygons`."""
 
-    Parquet is read in batches of `_VERTEX_BATCH_ROWS` vertices and IDs are mapped once per
-    distinct ID of a batch (a section of 1M cells has ~25M vertices: per-vertex Python strings
-    alone would take over 1 GB). CSV goes through pandas in one piece.
-    """
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+
+    def append(self, xy: np.ndarray) -> None:
+        self.parts.append(np.array(xy, dtype=np.float64))
+
+    def array(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros((0, 2))
+
+
+def _vertex_batches(path: Path):
+    """(cell_id, vertex_x, vertex_y, label_id or None) arrays of a boundaries file, in batches of
+    at most `_VERTEX_BATCH_ROWS` rows; read errors become `BundleError`."""
     required = ["cell_id", "vertex_x", "vertex_y"]
-    unknown: set[str] = set()
+    try:
+        if path.name.lower().endswith(".parquet"):
+            handle = open_parquet_stream(path)
+            names = handle.schema_arrow.names
+            missing = [c for c in required if c not in names]
+            if missing:
+                raise BundleError(f"missing column(s) {missing}; found {names}", path=path,
+                                  fix=f"a Xenium {path.name} has columns {required} (and more)")
+            columns = [*required, *(["label_id"] if "label_id" in names else [])]
+            for batch in handle.iter_batches(batch_size=_VERTEX_BATCH_ROWS, columns=columns, use_threads=False):
+                ids = batch.column("cell_id").dictionary_encode()  # one Python string per distinct ID
+                yield (
+                    (ids.dictionary.to_numpy(zero_copy_only=False), ids.indices.to_numpy(zero_copy_only=False)),
+                    batch.column("vertex_x").to_numpy(zero_copy_only=False),
+                    batch.column("vertex_y").to_numpy(zero_copy_only=False),
+                    batch.column("label_id").to_numpy(zero_copy_only=False) if "label_id" in names else None,
+                )
+            return
+        if not path.name.lower().endswith((".csv", ".csv.gz")):
+            raise BundleError("unsupported table format", path=path, fix="use .parquet, .csv or .csv.gz")
+        header = pd.read_csv(path, nrows=0).columns
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise BundleError(f"missing column(s) {missing}; found {list(header)}", path=path,
+                              fix=f"a Xenium {path.name} has columns {required} (and more)")
+        usecols = [*required, *(["label_id"] if "label_id" in header else [])]
+        for df in pd.read_csv(path, usecols=usecols, chunksize=_VERTEX_BATCH_ROWS):
+            codes, uniques = pd.factorize(df["cell_id"].to_numpy(), sort=False)
+            yield (
+                (np.asarray(uniques), np.where(codes < 0, np.nan, codes) if (codes < 0).any() else codes),
+                df["vertex_x"].to_numpy(np.float64),
+                df["vertex_y"].to_numpy(np.float64),
+                df["label_id"].to_numpy() if "label_id" in df.columns else None,
+            )
+    except Exception as exc:
+        error = _read_error(exc, path)
+        if error is None:
+            raise
+        raise error from None
 
-    def rows_of(raw_ids: np.ndarray) -> np.ndarray:
-        codes, uniques = pd.factorize(raw_ids, sort=False)
-        unique_ids = ids_to_str(np.asarray(uniques), path=path)
+
+def _same_label(a, b) -> bool:
+    return bool(a == b) or (pd.isna(a) and pd.isna(b))
+
+
+def scan_polygons(path: Path, cell_ids: pd.Index, problems: list[str], sink, *, what: str) -> PolygonLayout:
+    """Read a boundaries file (``cell_boundaries`` / ``nucleus_boundaries``, .parquet or .csv.gz)
+    once, in batches, writing the vertices of the polygons it keeps to `sink` (an object with
+    ``append(xy)``, e.g. `VertexFile`) in file order; returns where each cell's polygon lies.
+
+    The rules: a polygon is a run of consecutive rows with the same ``cell_id`` (and the same
+    ``label_id`` where the file has one). A cell keeps its first polygon; later ones are dropped
+    (cells with several are counted). Rows of IDs absent from `cell_ids` are dropped (counted).
+    A polygon with a NaN vertex is dropped (counted). The closing vertex (Xenium repeats the
+    first vertex at the end) is not counted in `n_vertices`. Memory: one batch plus ~56 bytes
+    per cell, whatever the file size.
+    """
+    n_cells = len(cell_ids)
+    start = np.zeros(n_cells, dtype=np.int64)
+    n_vertices = np.zeros(n_cells, dtype=np.int64)
+    first_xy = np.full((n_cells, 2), np.nan)
+    last_xy = np.full((n_cells, 2), np.nan)
+    seen = np.zeros(n_cells, dtype=bool)
+    several = np.zeros(n_cells, dtype=bool)
+    bad = np.zeros(n_cells, dtype=bool)
+    unknown: set[str] = set()
+    carry: tuple[int, object, bool] | None = None  # (cell row, label, kept) of the previous batch's last run
+    written = 0
+    n_rows = 0
+    for (dictionary, indices), x, y, label in _vertex_batches(path):
+        if len(x) == 0:
+            continue
+        n_rows += len(x)
+        # cell row of every vertex (-1: unknown or missing ID), mapped once per distinct ID
+        unique_ids = ids_to_str(dictionary, path=path)
         row_of_unique = cell_ids.get_indexer(pd.Index(unique_ids, dtype=object))
         unknown.update(unique_ids[row_of_unique < 0].tolist())
-        rows = row_of_unique[codes]
-        rows[codes < 0] = -1  # missing IDs
-        return rows.astype(np.int32)
-
-    if not path.name.lower().endswith(".parquet"):
-        df = read_table(path, columns=[*required, "label_id"])
-        _require_columns(df, required, path)
-        xy = np.column_stack([df["vertex_x"].to_numpy(np.float64), df["vertex_y"].to_numpy(np.float64)])
-        label = df["label_id"].to_numpy() if "label_id" in df.columns else None
-        return _VertexTable(rows_of(df["cell_id"].to_numpy()), xy, label, len(unknown))
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        handle = pq.ParquetFile(path)
-        names = handle.schema_arrow.names
-        missing = [c for c in required if c not in names]
-        if missing:
-            raise BundleError(f"missing column(s) {missing}; found {names}", path=path,
-                              fix=f"a Xenium {path.name} has columns {required} (and more)")
-        with_label = "label_id" in names
-        n = handle.metadata.num_rows
-        cell_row = np.empty(n, dtype=np.int32)
-        xy = np.empty((n, 2), dtype=np.float64)
-        label = None
-        start = 0
-        for batch in handle.iter_batches(batch_size=_VERTEX_BATCH_ROWS, columns=[*required, *(["label_id"] if with_label else [])]):
-            stop = start + batch.num_rows
-            ids = batch.column("cell_id").dictionary_encode()
-            dictionary_rows = rows_of(ids.dictionary.to_numpy(zero_copy_only=False))
-            indices = ids.indices.to_numpy(zero_copy_only=False)
-            cell_row[start:stop] = np.where(np.isnan(indices), -1, dictionary_rows[np.nan_to_num(indices).astype(np.int64)]) \
-                if indices.dtype.kind == "f" else dictionary_rows[indices]
-            xy[start:stop, 0] = batch.column("vertex_x").to_numpy(zero_copy_only=False)
-            xy[start:stop, 1] = batch.column("vertex_y").to_numpy(zero_copy_only=False)
-            if with_label:
-                values = batch.column("label_id").to_numpy(zero_copy_only=False)
-                if label is None:
-                    label = np.empty(n, dtype=values.dtype if values.dtype.kind in "iuf" else object)
-                label[start:stop] = values
-            start = stop
-    except (OSError, pa.ArrowException) as exc:
-        raise BundleError(
-            f"cannot read the Parquet table ({type(exc).__name__}: {str(exc)[:300]})", path=path, fix=_REPLACE_FIX
-        ) from None
-    if label is None and with_label:
-        label = np.zeros(0, dtype=np.int64)
-    return _VertexTable(cell_row[:start], xy[:start], None if label is None else label[:start], len(unknown))
+        if indices.dtype.kind == "f":  # missing IDs
+            missing = np.isnan(indices)
+            rows = np.where(missing, -1, row_of_unique[np.nan_to_num(indices).astype(np.int64)])
+        else:
+            rows = row_of_unique[indices.astype(np.int64)]
+        rows = rows.astype(np.int64)
+        xy = np.column_stack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)])
+        change = np.ones(len(rows), dtype=bool)
+        change[1:] = rows[1:] != rows[:-1]
+        if label is not None:
+            label_code = pd.factorize(label)[0]
+            change[1:] |= label_code[1:] != label_code[:-1]
+        continues = carry is not None and rows[0] == carry[0] and (label is None or _same_label(label[0], carry[1]))
+        change[0] = not continues
+        seg_start = np.flatnonzero(change)
+        if continues:
+            seg_start = np.r_[0, seg_start]
+        seg_end = np.r_[seg_start[1:], len(rows)]
+        seg_cell = rows[seg_start]
+        seg_kept = np.zeros(len(seg_start), dtype=bool)
+        new = np.ones(len(seg_start), dtype=bool)
+        if continues:
+            new[0] = False
+            seg_kept[0] = carry[2]
+        new_known = np.flatnonzero(new & (seg_cell >= 0))
+        if len(new_known):
+            cells_here, first = np.unique(seg_cell[new_known], return_index=True)
+            first_segments = new_known[first]
+            is_first = ~seen[cells_here]
+            seg_kept[first_segments[is_first]] = True
+            dropped = np.setdiff1d(new_known, first_segments[is_first], assume_unique=True)
+            several[seg_cell[dropped]] = True
+            seen[cells_here] = True
+        kept_segments = np.flatnonzero(seg_kept)
+        if len(kept_segments):
+            lengths = seg_end[kept_segments] - seg_start[kept_segments]
+            keep = np.repeat(seg_kept, seg_end - seg_start)
+            kept_xy = xy[keep]
+            cells = seg_cell[kept_segments]
+            position = written + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            opening = new[kept_segments]
+            start[cells[opening]] = position[opening]
+            first_xy[cells[opening]] = xy[seg_start[kept_segments[opening]]]
+            n_vertices[cells] += lengths
+            last_xy[cells] = xy[seg_end[kept_segments] - 1]
+            finite = np.all(np.isfinite(kept_xy), axis=1)
+            if not finite.all():
+                bad[np.unique(rows[keep][~finite])] = True
+            sink.append(kept_xy)
+            written += len(kept_xy)
+        carry = (int(rows[-1]), None if label is None else label[-1], bool(seg_kept[-1]))
+    if n_rows == 0:
+        note(problems, f"{path.name}: the file holds no vertices; no {what} polygons")
+    if unknown:
+        note(problems, f"{path.name}: {len(unknown)} {what} polygons belong to cells not in the kept cells; skipped")
+    if several.any():
+        note(problems, f"{path.name}: {int(several.sum())} cells have several {what} polygons; kept the first of each")
+    closed = (n_vertices >= 2) & np.all(first_xy == last_xy, axis=1)
+    n_vertices[closed] -= 1
+    if bad.any():
+        note(problems, f"{path.name}: {int(bad.sum())} {what} polygons have NaN vertices; dropped")
+        n_vertices[bad] = 0
+    degenerate = int(((n_vertices > 0) & (n_vertices < 3)).sum())
+    if degenerate:
+        note(problems, f"{path.name}: {degenerate} {what} polygons have fewer than 3 vertices")
+    start[n_vertices == 0] = 0
+    return PolygonLayout(start=start, n_vertices=n_vertices, n_written=written)
 
 
 def read_polygons(path: Path, cell_ids: pd.Index, problems: list[str], *, what: str) -> CellPolygons:
-    """Read ``cell_boundaries`` / ``nucleus_boundaries`` (.parquet or .csv.gz) aligned to `cell_ids`.
-
-    Vertices of IDs absent from `cell_ids` are dropped (counted). A cell with several polygons
-    (several ``label_id`` values, or several separate runs of rows) keeps its first one (counted).
-    Polygons with NaN vertices are dropped (counted). The closing vertex is removed.
-    """
-    vertices = _read_vertex_table(path, cell_ids)
-    n_cells = len(cell_ids)
-    if len(vertices.xy) == 0:
-        note(problems, f"{path.name}: the file holds no vertices; no {what} polygons")
-        return CellPolygons(np.zeros(n_cells + 1, dtype=np.int64), np.zeros((0, 2)))
-    code, xy = vertices.cell_row, vertices.xy
-    if vertices.n_unknown_ids:
-        note(problems, f"{path.name}: {vertices.n_unknown_ids} {what} polygons belong to cells not in the kept cells; skipped")
-    # one polygon per cell: the first label_id, or else the first contiguous run of rows
-    if vertices.label is not None:
-        part = pd.factorize(vertices.label)[0].astype(np.int32)
-    else:
-        part = np.zeros(len(code), dtype=np.int32)
-        part[1:] = np.cumsum(code[1:] != code[:-1])
-    # runs of vertices with the same (cell, part): about one per polygon, so the per-cell
-    # bookkeeping below works on runs, not on vertices
-    run_start = np.flatnonzero(np.r_[True, (code[1:] != code[:-1]) | (part[1:] != part[:-1])])
-    run_cell, run_part = code[run_start], part[run_start]
-    known = run_cell >= 0
-    first_run_of_cell = np.full(n_cells, -1, dtype=np.int64)
-    cells_seen, first = np.unique(run_cell[known], return_index=True)
-    first_run_of_cell[cells_seen] = np.flatnonzero(known)[first]
-    first_part = np.full(n_cells, -1, dtype=np.int32)
-    first_part[cells_seen] = run_part[first_run_of_cell[cells_seen]]
-    pairs = np.unique(np.stack([run_cell[known], run_part[known]], axis=1), axis=0)
-    n_multi = int((np.bincount(pairs[:, 0], minlength=n_cells) > 1).sum())
-    if n_multi:
-        note(problems, f"{path.name}: {n_multi} cells have several {what} polygons; kept the first of each")
-    run_kept = known & (run_part == first_part[np.maximum(run_cell, 0)])
-    keep = np.repeat(run_kept, np.diff(np.r_[run_start, len(code)]))
-    del part
-    code, xy = code[keep], xy[keep]
-    if len(code) and np.any(code[1:] < code[:-1]):  # not grouped by cell in cell order: sort
-        order = np.argsort(code, kind="stable")
-        code, xy = code[order], xy[order]
-    counts = np.bincount(code, minlength=n_cells)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    # drop the closing vertex (Xenium repeats the first vertex at the end)
-    starts, ends = offsets[:-1], offsets[1:] - 1
-    closed = (counts >= 2) & np.all(xy[np.minimum(starts, len(xy) - 1)] == xy[np.maximum(ends, 0)], axis=1)
-    drop = np.zeros(len(xy), dtype=bool)
-    drop[ends[closed]] = True
-    # drop polygons with NaN vertices
-    bad_vertex = ~np.all(np.isfinite(xy), axis=1)
-    if bad_vertex.any():
-        bad_cells = np.unique(code[bad_vertex])
-        note(problems, f"{path.name}: {len(bad_cells)} {what} polygons have NaN vertices; dropped")
-        drop |= np.isin(code, bad_cells)
-    code, xy = code[~drop], xy[~drop]
-    counts = np.bincount(code, minlength=n_cells)
-    degenerate = int(((counts > 0) & (counts < 3)).sum())
-    if degenerate:
-        note(problems, f"{path.name}: {degenerate} {what} polygons have fewer than 3 vertices")
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return CellPolygons(offsets=offsets, vertices_um=xy)
+    """Read ``cell_boundaries`` / ``nucleus_boundaries`` (.parquet or .csv.gz) into memory,
+    aligned to `cell_ids` (the rules of `scan_polygons`)."""
+    vertices = _VertexList()
+    layout = scan_polygons(path, cell_ids, problems, vertices, what=what)
+    offsets, index = layout.gather_index(np.arange(len(cell_ids)))
+    written = vertices.array()
+    del vertices
+    return CellPolygons(offsets=offsets, vertices_um=written[index])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,28 +596,105 @@ def _counts_dtype(data: np.ndarray) -> np.ndarray:
     return data.astype(np.float32, copy=False)
 
 
-def read_feature_matrix(path: Path) -> FeatureMatrix:
-    """Read ``cell_feature_matrix.h5`` (10x HDF5) or a ``cell_feature_matrix/`` MEX folder."""
+_MATRIX_FIX = "use the cell_feature_matrix.h5 written by Xenium Onboard Analysis (10x HDF5 format)"
+
+
+@dataclass
+class FeatureMatrixFile:
+    """A 10x cell-feature matrix opened without reading its counts: barcodes, features and the
+    row pointers, with `row_blocks` to stream the counts a block of cells at a time.
+
+    Attributes:
+        path: ``cell_feature_matrix.h5`` or a MEX folder.
+        barcodes, feature_ids, feature_names, feature_types, genomes: as in `FeatureMatrix`.
+        indptr: int64 (n_barcodes + 1,): row pointers (HDF5 only; None for MEX).
+        n_nonzero: stored entries.
+    """
+
+    path: Path
+    barcodes: np.ndarray
+    feature_ids: np.ndarray
+    feature_names: np.ndarray
+    feature_types: np.ndarray
+    genomes: np.ndarray
+    indptr: np.ndarray | None
+    n_nonzero: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.barcodes), len(self.feature_ids)
+
+    @property
+    def is_gene(self) -> np.ndarray:
+        return self.feature_types == GENE_FEATURE_TYPE
+
+    def row_blocks(self, max_nonzero: int = 1 << 22):
+        """Yield (first_row, CSR (rows, n_features) with sorted indices) for consecutive blocks
+        of rows holding about `max_nonzero` stored entries each (a MEX folder is read whole)."""
+        if self.indptr is None:
+            yield 0, _read_mex(self.path).counts
+            return
+        import h5py
+
+        n_rows, n_features = self.shape
+        try:
+            with h5py.File(self.path, "r") as h5:
+                data, indices = h5["matrix/data"], h5["matrix/indices"]
+                row = 0
+                while row < n_rows:
+                    stop = int(np.searchsorted(self.indptr, self.indptr[row] + max_nonzero, side="right")) - 1
+                    stop = min(max(stop, row + 1), n_rows)
+                    lo, hi = int(self.indptr[row]), int(self.indptr[stop])
+                    block_indices = indices[lo:hi].astype(np.int64)
+                    if len(block_indices) and (block_indices.min() < 0 or block_indices.max() >= n_features):
+                        raise BundleError("the feature matrix has feature indices out of range", path=self.path, fix=_REPLACE_FIX)
+                    block = sp.csr_matrix(
+                        (_counts_dtype(data[lo:hi]), block_indices, self.indptr[row : stop + 1] - lo),
+                        shape=(stop - row, n_features),
+                    )
+                    block.sort_indices()
+                    yield row, block
+                    row = stop
+        except BundleError:
+            raise
+        except (OSError, KeyError, ValueError) as exc:
+            raise BundleError(f"cannot read the HDF5 feature matrix ({exc})", path=self.path, fix=_REPLACE_FIX) from None
+
+    def read(self) -> FeatureMatrix:
+        """The whole matrix in memory."""
+        if self.indptr is None:
+            return _read_mex(self.path)
+        blocks = [block for _, block in self.row_blocks()]
+        counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(self.shape, dtype=np.int32)
+        if counts.data.dtype.kind == "f":  # a block held values beyond int32: all float32
+            counts.data = counts.data.astype(np.float32)
+        index_dtype = np.int32 if max(self.shape[1], counts.nnz) < np.iinfo(np.int32).max else np.int64
+        counts.indices = counts.indices.astype(index_dtype)
+        counts.indptr = counts.indptr.astype(index_dtype)
+        return FeatureMatrix(counts, self.barcodes, self.feature_ids, self.feature_names, self.feature_types, self.genomes)
+
+
+def open_feature_matrix(path: Path) -> FeatureMatrixFile:
+    """Open ``cell_feature_matrix.h5`` (10x HDF5) or a ``cell_feature_matrix/`` MEX folder:
+    barcodes, features and row pointers are read and checked; the counts are not."""
     if path.is_dir():
-        return _read_mex(path)
+        mex = _read_mex(path)
+        return FeatureMatrixFile(path, mex.barcodes, mex.feature_ids, mex.feature_names, mex.feature_types, mex.genomes,
+                                 None, int(mex.counts.nnz))  # fmt: skip
     import h5py
 
-    fix = "use the cell_feature_matrix.h5 written by Xenium Onboard Analysis (10x HDF5 format)"
     try:
         with h5py.File(path, "r") as h5:
             if "matrix" not in h5:
-                raise BundleError("not a 10x feature matrix: no 'matrix' group", path=path, fix=fix)
+                raise BundleError("not a 10x feature matrix: no 'matrix' group", path=path, fix=_MATRIX_FIX)
             group = h5["matrix"]
             needed = ["barcodes", "data", "indices", "indptr", "shape", "features/id", "features/name", "features/feature_type"]
             missing = [k for k in needed if k not in group]
             if missing:
-                raise BundleError(f"not a 10x feature matrix: missing matrix/{missing}", path=path, fix=fix)
+                raise BundleError(f"not a 10x feature matrix: missing matrix/{missing}", path=path, fix=_MATRIX_FIX)
             n_features, n_cells = (int(v) for v in group["shape"][:2])
-            data = _counts_dtype(group["data"][:])
-            # int32 indices where they fit (as scipy would convert them anyway): half the memory
-            index_dtype = np.int32 if max(n_features, len(data)) < np.iinfo(np.int32).max else np.int64
-            indices = group["indices"][:].astype(index_dtype, copy=False)
-            indptr = group["indptr"][:].astype(index_dtype, copy=False)
+            n_data, n_indices = group["data"].shape[0], group["indices"].shape[0]
+            indptr = group["indptr"][:].astype(np.int64)
             barcodes = ids_to_str(group["barcodes"][:], path=path)
             feature_ids = ids_to_str(group["features/id"][:], path=path)
             names = ids_to_str(group["features/name"][:], path=path)
@@ -529,8 +712,8 @@ def read_feature_matrix(path: Path) -> FeatureMatrix:
         len(indptr) == n_cells + 1
         and len(barcodes) == n_cells
         and len(feature_ids) == len(names) == len(types) == n_features
-        and len(data) == len(indices) == (indptr[-1] if len(indptr) else 0)
-        and (len(indices) == 0 or (indices.min() >= 0 and indices.max() < n_features))
+        and n_data == n_indices == (indptr[-1] if len(indptr) else 0)
+        and (len(indptr) == 0 or indptr[0] == 0)
         and np.all(np.diff(indptr) >= 0)
     ):
         raise BundleError(
@@ -539,9 +722,12 @@ def read_feature_matrix(path: Path) -> FeatureMatrix:
             fix=_REPLACE_FIX,
         )
     # stored CSC (features x cells) == CSR (cells x features) with the same arrays
-    counts = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_features))
-    counts.sort_indices()
-    return FeatureMatrix(counts, barcodes, feature_ids, names, types, genomes)
+    return FeatureMatrixFile(path, barcodes, feature_ids, names, types, genomes, indptr, int(n_data))
+
+
+def read_feature_matrix(path: Path) -> FeatureMatrix:
+    """Read ``cell_feature_matrix.h5`` (10x HDF5) or a ``cell_feature_matrix/`` MEX folder."""
+    return open_feature_matrix(path).read()
 
 
 def _read_mex(folder: Path) -> FeatureMatrix:

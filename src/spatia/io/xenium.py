@@ -35,7 +35,8 @@ from spatia.io.tables import (
     note,
     read_cells_table,
     read_clusterings,
-    read_feature_matrix,
+    FeatureMatrixFile,
+    open_feature_matrix,
     read_polygons,
     release_unused_memory,
 )
@@ -70,6 +71,23 @@ _BUNDLE_CONTENTS = (
 )
 
 
+@dataclass(frozen=True)
+class DeferredTables:
+    """The tables `read_xenium(..., in_memory=False)` left on disk.
+
+    Attributes:
+        matrix: the opened feature matrix (barcodes, features, row pointers; stream the counts
+            with ``matrix.row_blocks()``).
+        matrix_rows: int64 (n_cells,): the feature-matrix row of each cell of ``cells``.
+        cell_boundaries: the cell boundaries file (None if the bundle has none); stream it with
+            `spatia.io.tables.scan_polygons`.
+    """
+
+    matrix: FeatureMatrixFile
+    matrix_rows: np.ndarray
+    cell_boundaries: Path | None
+
+
 @dataclass
 class XeniumSlide:
     """One Xenium section: lazy morphology image, cells, counts, polygons, clusterings.
@@ -83,7 +101,8 @@ class XeniumSlide:
             y_centroid_px, cell_area_um2, nucleus_area_um2 (NaN if absent), the count columns of
             cells.parquet (transcript_counts, control_probe_counts, total_counts, ...), and one
             categorical column per clustering.
-        counts: CSR (n_cells, n_genes) raw counts (int32, or float32 if the file stores floats).
+        counts: CSR (n_cells, n_genes) raw counts (int32, or float32 if the file stores floats);
+            None when read with ``in_memory=False`` (then see ``deferred``).
         gene_names, gene_ids: per gene column of `counts`.
         control_counts: CSR (n_cells, n_controls): negative-control probes and codewords.
         control_names, control_types: per control column (10x feature names and types).
@@ -93,6 +112,7 @@ class XeniumSlide:
         problems: human-readable, counted skips and repairs made while reading.
         metadata: the contents of experiment.xenium ({} if absent).
         files_read: every file the reader used (for provenance).
+        deferred: where the tables not read into memory are (``in_memory=False``), else None.
     """
 
     path: Path
@@ -100,10 +120,10 @@ class XeniumSlide:
     pixel_size_um: float
     image: MorphologyImage
     cells: pd.DataFrame
-    counts: sp.csr_matrix
+    counts: sp.csr_matrix | None
     gene_names: list[str]
     gene_ids: list[str]
-    control_counts: sp.csr_matrix
+    control_counts: sp.csr_matrix | None
     control_names: list[str]
     control_types: list[str]
     cell_boundaries: CellPolygons | None
@@ -113,6 +133,7 @@ class XeniumSlide:
     problems: list[str]
     metadata: dict
     files_read: list[Path] = field(default_factory=list)
+    deferred: DeferredTables | None = None
 
     @property
     def n_cells(self) -> int:
@@ -146,6 +167,7 @@ class XeniumSlide:
 
         from spatia import __version__
 
+        self._require_counts("to_anndata")
         obs = self.cells.copy()
         obs["gene_counts_total"] = np.asarray(self.counts.sum(axis=1)).ravel()
         control_types = np.asarray(self.control_types, dtype=object)
@@ -210,8 +232,16 @@ class XeniumSlide:
 
     # -- summary ------------------------------------------------------------------------------
 
+    def _require_counts(self, what: str) -> None:
+        if self.counts is None:
+            raise ConfigError(
+                f"{what} needs the counts in memory, but this slide was read with in_memory=False",
+                fix="read the bundle with spatia.io.read_xenium(path) (in_memory=True, the default)",
+            )
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready overview: what ``spatia info`` prints."""
+        self._require_counts("summary")
         width_um, height_um = self.image.extent_um
         x, y = self.cells["x_centroid_um"], self.cells["y_centroid_um"]
         clusterings = {}
@@ -416,6 +446,7 @@ def read_xenium(
     min_id_overlap: float = MIN_ID_OVERLAP,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     read_nucleus_boundaries: bool = True,
+    in_memory: bool = True,
 ) -> XeniumSlide:
     """Read a Xenium Onboard Analysis output folder (v1 or v2).
 
@@ -431,6 +462,10 @@ def read_xenium(
         cache_bytes: decoded-tile cache budget of each image.
         read_nucleus_boundaries: False leaves ``nucleus_boundaries`` None without reading the
             file (the MIST builder needs cell boundaries only; this saves its memory).
+        in_memory: False reads neither the counts nor the boundaries: ``counts``,
+            ``control_counts``, ``cell_boundaries`` and ``nucleus_boundaries`` are None and
+            ``deferred`` says where to stream them from (the MIST builder's way of reading a
+            section of any size in bounded memory).
 
     Raises:
         BundleError: missing required files, unreadable files, empty or inconsistent bundles.
@@ -489,7 +524,7 @@ def read_xenium(
     files_read.append(cells_path)
     if len(cells) == 0:
         raise BundleError("the cells table holds no cells", path=cells_path, fix="this section has no segmented cells; check the Xenium run")
-    matrix = read_feature_matrix(matrix_path)
+    matrix = open_feature_matrix(matrix_path)
     files_read.extend(sorted(matrix_path.iterdir()) if matrix_path.is_dir() else [matrix_path])
     cells, matrix_rows = _reconcile_ids(
         cells, matrix.barcodes, min_overlap=min_id_overlap, cells_path=cells_path, matrix_path=matrix_path, problems=problems
@@ -500,16 +535,20 @@ def read_xenium(
         cells, matrix_rows = cells[finite], matrix_rows[finite]
     if len(cells) == 0:
         raise BundleError("no cells left to read (every cell was dropped, see above)", path=folder, fix=_BUNDLE_CONTENTS)
-    same_rows = len(matrix_rows) == matrix.counts.shape[0] and np.array_equal(matrix_rows, np.arange(len(matrix_rows)))
-    counts_all = matrix.counts if same_rows else matrix.counts[matrix_rows]
     is_gene = matrix.is_gene
-    counts = sp.csr_matrix(counts_all[:, np.flatnonzero(is_gene)])
-    control_counts = sp.csr_matrix(counts_all[:, np.flatnonzero(~is_gene)])
     gene_names = [str(x) for x in matrix.feature_names[is_gene]]
     gene_ids = [str(x) for x in matrix.feature_ids[is_gene]]
     control_names = [str(x) for x in matrix.feature_names[~is_gene]]
     control_types = [str(x) for x in matrix.feature_types[~is_gene]]
-    del counts_all, matrix  # the whole matrix is no longer needed: free it before the polygons are read
+    counts = control_counts = None
+    if in_memory:
+        counts_all = matrix.read().counts
+        same_rows = len(matrix_rows) == counts_all.shape[0] and np.array_equal(matrix_rows, np.arange(len(matrix_rows)))
+        if not same_rows:
+            counts_all = counts_all[matrix_rows]
+        counts = sp.csr_matrix(counts_all[:, np.flatnonzero(is_gene)])
+        control_counts = sp.csr_matrix(counts_all[:, np.flatnonzero(~is_gene)])
+        del counts_all  # the whole matrix is no longer needed: free it before the polygons are read
     if len(set(gene_names)) != len(gene_names):
         note(problems, f"{matrix_path.name}: {len(gene_names) - len(set(gene_names))} duplicated gene names (made unique in AnnData)")
     if not is_gene.any():
@@ -523,8 +562,9 @@ def read_xenium(
     # -- polygons ------------------------------------------------------------------------------
     width_um, height_um = image.extent_um
     boundaries: dict[str, CellPolygons | None] = {}
+    cell_boundaries_path = _first(folder, CELL_BOUNDARY_FILES)
     for key, names, what in (("cell", CELL_BOUNDARY_FILES, "cell"), ("nucleus", NUCLEUS_BOUNDARY_FILES, "nucleus")):
-        found = _first(folder, names) if key == "cell" or read_nucleus_boundaries else None
+        found = _first(folder, names) if in_memory and (key == "cell" or read_nucleus_boundaries) else None
         if found is None:
             boundaries[key] = None
             continue
@@ -538,6 +578,13 @@ def read_xenium(
         if without:
             note(problems, f"{found.name}: {without} cells have no {what} polygon")
         boundaries[key] = polygons
+    deferred = None
+    if not in_memory:
+        if cell_boundaries_path is not None:
+            files_read.append(cell_boundaries_path)
+        deferred = DeferredTables(matrix=matrix, matrix_rows=np.asarray(matrix_rows, dtype=np.int64),
+                                  cell_boundaries=cell_boundaries_path)  # fmt: skip
+    del matrix
     x_px, y_px = cells["x_centroid_px"].to_numpy(), cells["y_centroid_px"].to_numpy()
     h0, w0 = image.level_shapes_yx[0]
     off_image = (x_px < 0) | (y_px < 0) | (x_px >= w0) | (y_px >= h0)
@@ -583,6 +630,7 @@ def read_xenium(
         problems=problems,
         metadata=metadata,
         files_read=files_read,
+        deferred=deferred,
     )
     release_unused_memory()
     log.info("read %r", slide)

@@ -57,6 +57,7 @@ from spatia.mist.geometry import (
     source_range,
 )
 from spatia.mist.render import ChunkJob, ChunkResult, render_chunk
+from spatia.mist.staging import StagedSlide, StagedTruth, stage_ground_truth, stage_slide
 from spatia.mist.splits import (
     BUFFER,
     SPLIT_NAMES,
@@ -147,7 +148,7 @@ def _load(source: Any):
     if isinstance(source, (str, Path)):
         from spatia.io.xenium import read_xenium
 
-        return read_xenium(source, read_nucleus_boundaries=False)
+        return read_xenium(source, read_nucleus_boundaries=False, in_memory=False)
     return source
 
 
@@ -286,6 +287,7 @@ class SlidePlan:
     slide_split: int | None  # slides mode
     gene_columns: np.ndarray  # int64 (n_slide_genes,) vocabulary index of each slide gene
     total_counts: np.ndarray  # int64
+    genes_detected: np.ndarray  # int32: genes with a non-zero count
     chunks: list[tuple[int, int]]  # occupied tissue regions, row-major
     chunk_cells: dict[tuple[int, int], np.ndarray]  # cell positions per chunk, in cells order
 
@@ -299,15 +301,9 @@ class SlidePlan:
         return int(self.block_grid[tr // block_tissues, tc // block_tissues])
 
 
-def _counts_csr(slide: Any) -> sp.csr_matrix:
-    counts = slide.counts
-    if not sp.issparse(counts):
-        counts = sp.csr_matrix(np.asarray(counts))
-    return sp.csr_matrix(counts)
-
-
 def plan_slide(
     slide: Any,
+    staged: StagedSlide,
     slide_index: int,
     slide_id: str,
     vocabulary: dict[str, int],
@@ -315,7 +311,9 @@ def plan_slide(
     seed: int,
     slide_split: int | None,
 ) -> SlidePlan:
-    """Decide which cells are kept (and why not), crop geometry, scale, grid and split."""
+    """Decide which cells are kept (and why not), crop geometry, scale, grid and split.
+
+    Polygons are read from the staged slide a block of `_VALIDITY_BATCH` cells at a time."""
     cells = slide.cells
     n = len(cells)
     pixel_size = float(slide.pixel_size_um)
@@ -323,8 +321,10 @@ def plan_slide(
     centroid = cells[["x_centroid_um", "y_centroid_um"]].to_numpy(dtype=np.float64) / pixel_size
     reason = np.zeros(n, dtype=np.int8)
 
-    def skip(mask: np.ndarray, name: str) -> None:
-        reason[(reason == 0) & mask] = SKIP_REASONS.index(name) + 1
+    def skip(mask: np.ndarray, name: str, rows: np.ndarray | slice = slice(None)) -> None:
+        part = reason[rows]
+        part[(part == 0) & mask] = SKIP_REASONS.index(name) + 1
+        reason[rows] = part
 
     inside = np.isfinite(centroid).all(axis=1)
     inside[inside] = (
@@ -332,37 +332,33 @@ def plan_slide(
     )
     skip(~inside, "outside_image")
 
-    polygons = slide.cell_boundaries
+    # polygons, a block of cells at a time: statistics, then validity and repair
     repaired = np.zeros(n, dtype=bool)
     repaired_vertices: dict[int, np.ndarray] = {}
-    if polygons is None:
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        vertices_px = np.zeros((0, 2))
-    else:
-        offsets = np.asarray(polygons.offsets, dtype=np.int64)
-        if len(offsets) != n + 1:
-            raise InputDataError(
-                f"the slide has {n} cells but {len(offsets) - 1} cell polygons",
-                path=getattr(slide, "path", None),
-                fix="cell_boundaries must be aligned to the cells table (read the bundle with spatia.io.read_xenium)",
-            )
-        vertices_px = np.asarray(polygons.vertices_um, dtype=np.float64) / pixel_size
-    stats = polygon_stats(offsets, vertices_px)
-    skip(np.diff(offsets) == 0, "no_polygon")
-    skip((stats.n_distinct < 3) | ~(np.nan_to_num(stats.area_px2) > ZERO_AREA_PX2), "zero_area_polygon")
-
-    candidates = np.flatnonzero(reason == 0)
-    invalid = np.concatenate(
-        [invalid_polygons(offsets, vertices_px, candidates[i : i + _VALIDITY_BATCH]) for i in range(0, len(candidates), _VALIDITY_BATCH)]
-        or [np.zeros(0, dtype=bool)]
-    )
-    for i in candidates[invalid]:
-        fixed = repair_polygon(vertices_px[offsets[i] : offsets[i + 1]])
-        if fixed is None:
-            reason[i] = SKIP_REASONS.index("invalid_polygon") + 1
-            continue
-        repaired[i] = True
-        repaired_vertices[int(i)] = fixed
+    bbox = np.full((n, 4), np.nan)
+    area = np.full(n, np.nan)
+    n_distinct = np.zeros(n, dtype=np.int64)
+    for first in range(0, n, _VALIDITY_BATCH):
+        rows = np.arange(first, min(n, first + _VALIDITY_BATCH))
+        if staged.polygons is None:
+            offsets, vertices_px = np.zeros(len(rows) + 1, dtype=np.int64), np.zeros((0, 2))
+        else:
+            offsets, vertices_um = staged.polygons.rows(rows)
+            vertices_px = vertices_um / pixel_size
+        block = polygon_stats(offsets, vertices_px)
+        bbox[rows], area[rows], n_distinct[rows] = block.bbox_px, block.area_px2, block.n_distinct
+        skip(np.diff(offsets) == 0, "no_polygon", rows)
+        skip((block.n_distinct < 3) | ~(np.nan_to_num(block.area_px2) > ZERO_AREA_PX2), "zero_area_polygon", rows)
+        candidates = np.flatnonzero(reason[rows] == 0)
+        for j in candidates[invalid_polygons(offsets, vertices_px, candidates)]:
+            i = int(rows[j])
+            fixed = repair_polygon(vertices_px[offsets[j] : offsets[j + 1]])
+            if fixed is None:
+                reason[i] = SKIP_REASONS.index("invalid_polygon") + 1
+                continue
+            repaired[i] = True
+            repaired_vertices[i] = fixed
+    stats = PolygonStats(bbox_px=bbox, area_px2=area, n_distinct=n_distinct)
     if repaired_vertices:
         rows = np.fromiter(repaired_vertices, dtype=np.int64)
         lengths = np.array([len(repaired_vertices[int(i)]) for i in rows])
@@ -371,15 +367,7 @@ def plan_slide(
         stats.area_px2[rows] = sub.area_px2
         stats.n_distinct[rows] = sub.n_distinct
 
-    counts = _counts_csr(slide)
-    if counts.shape[0] != n:
-        raise InputDataError(
-            f"the count matrix has {counts.shape[0]} rows for {n} cells",
-            path=getattr(slide, "path", None),
-            fix="counts must be aligned to the cells table",
-        )
-    total = np.asarray(counts.sum(axis=1)).ravel()
-    total = np.rint(total).astype(np.int64)
+    total = staged.counts.total
     if config.min_counts > 0:
         skip(total == 0, "zero_counts")
         skip(total < config.min_counts, "low_counts")
@@ -430,7 +418,7 @@ def plan_slide(
         cell_split[kept_rows[buffer]] = BUFFER
 
     # genes
-    gene_columns = np.array([vocabulary[g] for g in slide.gene_names], dtype=np.int64)
+    gene_columns = np.array([vocabulary[str(g)] for g in slide.gene_names], dtype=np.int64)
 
     # chunks: occupied tissue regions in row-major order, cells in cells order within each
     kept_rows = np.flatnonzero(kept)
@@ -467,6 +455,7 @@ def plan_slide(
         slide_split=slide_split,
         gene_columns=gene_columns,
         total_counts=total,
+        genes_detected=staged.counts.n_detected,
         chunks=chunks,
         chunk_cells=chunk_cells,
     )
@@ -507,33 +496,10 @@ def _chunk_niches(plan: SlidePlan, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     return niches, local.reshape(-1)
 
 
-def _vocab_counts(counts: sp.csr_matrix, rows: np.ndarray, gene_columns: np.ndarray, n_genes: int, where: Any):
-    """CSR rows in vocabulary order: indptr int64, indices uint32 (ascending), values uint32.
-    Genes sharing a symbol are summed."""
-    sub = counts[rows]
-    data = sub.data
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)) or np.any(data != np.rint(data)) or np.any(data < 0):
-            raise InputDataError(
-                "the count matrix holds non-integer or negative values",
-                path=where,
-                fix="MIST stores raw transcript counts: pass the unnormalised cell_feature_matrix",
-            )
-    elif data.size and data.min() < 0:
-        raise InputDataError("the count matrix holds negative values", path=where, fix="pass raw counts")
-    remapped = sp.csr_matrix(
-        (np.rint(data).astype(np.int64), gene_columns[sub.indices], sub.indptr), shape=(len(rows), n_genes)
-    )
-    remapped.sum_duplicates()
-    remapped.eliminate_zeros()
-    remapped.sort_indices()
-    return remapped.indptr.astype(np.int64), remapped.indices.astype(np.uint32), remapped.data.astype(np.uint32)
-
-
 def make_job(
     plan: SlidePlan,
     slide: Any,
-    counts: sp.csr_matrix,
+    staged: StagedSlide,
     cell_ids: np.ndarray,
     tr: int,
     tc: int,
@@ -570,9 +536,9 @@ def make_job(
     ]
 
     # polygons of the chunk in slide pixels, repaired ones substituted
-    chunk_polygons = slide.cell_boundaries.subset(rows)
-    poly_offsets = chunk_polygons.offsets
-    poly_vertices = chunk_polygons.vertices_um / plan.pixel_size_um
+    assert staged.polygons is not None  # a slide without polygons keeps no cell: it has no chunks
+    poly_offsets, poly_vertices_um = staged.polygons.rows(rows)
+    poly_vertices = poly_vertices_um / plan.pixel_size_um
     repaired = [j for j, row in enumerate(rows.tolist()) if row in plan.repaired_vertices_px]
     if repaired:
         parts = [poly_vertices[poly_offsets[j] : poly_offsets[j + 1]] for j in range(len(rows))]
@@ -581,7 +547,7 @@ def make_job(
         poly_offsets = np.r_[0, np.cumsum([len(p) for p in parts])].astype(np.int64)
         poly_vertices = np.concatenate(parts)
 
-    indptr, indices, values = _vocab_counts(counts, rows, plan.gene_columns, n_genes, getattr(slide, "path", None))
+    indptr, indices, values = staged.counts.rows(rows)
 
     niches, cell_niche = _chunk_niches(plan, rows)
     sid = plan.slide_id
@@ -641,18 +607,20 @@ INDEX_BATCH_CELLS = 50_000
 the index whatever the slide size."""
 
 
-def write_cell_index(plan: SlidePlan, slide: Any, config: BuildConfig, path: Path) -> dict[str, int]:
+def write_cell_index(plan: SlidePlan, slide: Any, config: BuildConfig, path: Path, work_dir: Path) -> dict[str, int]:
     """Write one slide's cell index rows (record order, chunk by chunk) to `path` in row groups
-    of about `INDEX_BATCH_CELLS` cells, through a temporary file; returns cells per split."""
-    truth = _ground_truth(slide)
+    of about `INDEX_BATCH_CELLS` cells, through a temporary file; returns cells per split. The
+    simulator's ground truth, where the bundle has one, is staged in `work_dir` first."""
+    truth = None
+    truth_file = _ground_truth_file(slide)
+    if truth_file is not None:
+        truth = stage_ground_truth(truth_file, slide.cells.index, work_dir)
+    truth_as_float = False
     if truth is not None and plan.chunks:
-        kept_ids = slide.cells.index[np.concatenate([plan.chunk_cells[c] for c in plan.chunks])].astype(str)
-        if not kept_ids.isin(truth.index).all():
-            # cells without ground truth get NaN: make every numeric or boolean column float in
-            # all row groups, not only in those that happen to hold such a cell
-            numeric = [c for c in truth.columns if pd.api.types.is_bool_dtype(truth[c]) or pd.api.types.is_numeric_dtype(truth[c])]
-            truth = truth.astype({c: np.float64 for c in numeric})
-    counts = _counts_csr(slide)
+        kept_rows = np.concatenate([plan.chunk_cells[c] for c in plan.chunks])
+        # cells without ground truth get NaN: make every numeric or boolean column float in all
+        # row groups, not only in those that happen to hold such a cell
+        truth_as_float = bool((~truth.has_row[kept_rows]).any())
     groups: list[list[np.ndarray]] = [[]]
     size = 0
     for c in plan.chunks:
@@ -668,7 +636,7 @@ def write_cell_index(plan: SlidePlan, slide: Any, config: BuildConfig, path: Pat
     try:
         for group in groups:
             rows = np.concatenate(group) if group else np.zeros(0, dtype=np.int64)
-            frame = cell_index_rows(plan, slide, config, rows, counts, truth)
+            frame = cell_index_rows(plan, slide, config, rows, truth, truth_as_float)
             for name, n in frame["split"].value_counts().items():
                 splits[str(name)] = splits.get(str(name), 0) + int(n)
             if writer is None:
@@ -695,8 +663,8 @@ def _arrow_schema(frame: pd.DataFrame) -> pa.Schema:
     return pa.schema(fields)
 
 
-def cell_index_rows(plan: SlidePlan, slide: Any, config: BuildConfig, rows: np.ndarray, counts: sp.csr_matrix,
-                    truth: pd.DataFrame | None) -> pd.DataFrame:
+def cell_index_rows(plan: SlidePlan, slide: Any, config: BuildConfig, rows: np.ndarray,
+                    truth: StagedTruth | None, truth_as_float: bool = False) -> pd.DataFrame:
     """The cell index rows of the slide's cells `rows` (in that order)."""
     sid, ps = plan.slide_id, plan.pixel_size_um
     cells_df = slide.cells
@@ -725,27 +693,22 @@ def cell_index_rows(plan: SlidePlan, slide: Any, config: BuildConfig, rows: np.n
         "tissue_row": trc[:, 0].astype(np.int32),
         "tissue_col": trc[:, 1].astype(np.int32),
         "total_counts": plan.total_counts[rows],
-        "n_genes_detected": np.diff(counts.indptr)[rows].astype(np.int32),
+        "n_genes_detected": plan.genes_detected[rows],
     }
     skip_cols = {"x_centroid_um", "y_centroid_um", "x_centroid_px", "y_centroid_px", *slide.cluster_columns}
     for column in cells_df.columns:
         if column in skip_cols:
             continue
-        values = cells_df[column].to_numpy()[rows]
+        values = cells_df[column].take(rows).to_numpy()  # take first: no whole-column copy per group
         if pd.api.types.is_numeric_dtype(cells_df[column]) or pd.api.types.is_bool_dtype(cells_df[column]):
             columns[f"qc_{column}"] = values.astype(np.float64)
         else:
             columns[f"qc_{column}"] = _as_text(values)
     for column in slide.cluster_columns:
-        columns[f"label_{column}"] = _as_text(cells_df[column].to_numpy()[rows])
+        columns[f"label_{column}"] = _as_text(cells_df[column].take(rows).to_numpy())
     if truth is not None:
-        aligned = truth.reindex(cell_ids)
-        for column in aligned.columns:
-            values = aligned[column]
-            if pd.api.types.is_bool_dtype(truth[column]) or pd.api.types.is_numeric_dtype(truth[column]):
-                columns[f"truth_{column}"] = values.to_numpy()
-            else:
-                columns[f"truth_{column}"] = _as_text(values.to_numpy())
+        for column, values in truth.rows(rows, as_float=truth_as_float).items():
+            columns[f"truth_{column}"] = values
     return pd.DataFrame(columns)
 
 
@@ -844,20 +807,12 @@ def _empty_tissues() -> pd.DataFrame:
     return pd.DataFrame({k: pd.Series(dtype=v) for k, v in columns.items()})
 
 
-def _ground_truth(slide: Any) -> pd.DataFrame | None:
-    """The simulator's ground_truth.parquet (indexed by cell_id), when the bundle has one."""
+def _ground_truth_file(slide: Any) -> Path | None:
+    """The simulator's ground_truth.parquet of a slide read from a bundle that has one."""
     root = getattr(slide, "path", None)
     if root is None or not (Path(root) / GROUND_TRUTH_FILE).is_file():
         return None
-    path = Path(root) / GROUND_TRUTH_FILE
-    # text columns as dictionaries (pandas categoricals): one Python string per category, not per cell
-    text = [f.name for f in pq.read_schema(path) if f.name != "cell_id" and pa.types.is_string(f.type)]
-    truth = pq.read_table(path, read_dictionary=text).to_pandas()
-    if "cell_id" not in truth.columns:
-        log.warning("%s has no cell_id column; ignored", path)
-        return None
-    truth["cell_id"] = truth["cell_id"].astype(str)
-    return truth.drop_duplicates("cell_id").set_index("cell_id")
+    return Path(root) / GROUND_TRUTH_FILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1119,12 +1074,12 @@ def _build_slide(
 ):
     """Plan, render and commit every chunk of one slide; write its index parts. Returns the
     slide's manifest entry and the numbers of chunks rendered and found already done."""
-    plan = plan_slide(slide, k, slide_id, vocabulary, config, seed, split)
+    staged = stage_slide(slide, vocabulary, out_dir / BUILD_DIR_NAME / "stage" / f"{k:05d}")
+    plan = plan_slide(slide, staged, k, slide_id, vocabulary, config, seed, split)
     if not plan.chunks:
         log.warning("slide %s: no cell was kept (see the skipped counts)", slide_id)
     normalisation = estimate_intensity_range(slide.image, config) if plan.chunks else {}
     plan.normalisation = normalisation
-    counts = _counts_csr(slide)
     cell_ids = np.asarray(slide.cells.index.astype(str))
     n_genes = len(vocabulary)
     todo = [c for c in plan.chunks if not stores.is_done(f"chunk/{chunk_key(k, *c)}")]
@@ -1149,7 +1104,7 @@ def _build_slide(
         report(stores.add(result))
 
     def job(c: tuple[int, int]) -> ChunkJob:
-        return make_job(plan, slide, counts, cell_ids, c[0], c[1], config, n_genes, normalisation)
+        return make_job(plan, slide, staged, cell_ids, c[0], c[1], config, n_genes, normalisation)
 
     if pool is None:
         from threadpoolctl import threadpool_limits
@@ -1176,7 +1131,8 @@ def _build_slide(
     report(stores.flush())
 
     index_dir = out_dir / BUILD_DIR_NAME / "index"
-    cell_splits = write_cell_index(plan, slide, config, index_dir / f"{k:05d}_cell.parquet")
+    cell_splits = write_cell_index(plan, slide, config, index_dir / f"{k:05d}_cell.parquet", staged.directory)
+    shutil.rmtree(staged.directory, ignore_errors=True)  # the slide's staged tables are no longer needed
     niches_df, tissues_df = region_index_tables(plan, config)
     for level, frame in (("niche", niches_df), ("tissue", tissues_df)):
         part = index_dir / f"{k:05d}_{level}.parquet"
@@ -1216,7 +1172,7 @@ def _build_slide(
             "tissue": tissues_df["split"].value_counts().to_dict(),
         },
         "source_checksums_sha256": info["files"],
-        "reader_problems": list(getattr(slide, "problems", []) or []),
+        "reader_problems": [*(getattr(slide, "problems", []) or []), *staged.problems],
     }
     log.info(
         "slide %s: %d of %d cells kept, %d niches, %d tissue regions, scale %.4f (%d clipped)",
