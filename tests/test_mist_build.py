@@ -366,7 +366,7 @@ def test_streamed_in_small_batches_or_given_in_memory_the_same_dataset(built, si
     monkeypatch.setattr(tables, "_VERTEX_BATCH_ROWS", 997)  # prime: runs of a polygon's rows are cut
     monkeypatch.setattr(staging, "COUNT_BLOCK_NONZERO", 1_000)
     monkeypatch.setattr(staging, "TRUTH_BATCH_ROWS", 333)
-    monkeypatch.setattr(build_module, "_VALIDITY_BATCH", 250)
+    monkeypatch.setattr(build_module, "_PLAN_BLOCK_CELLS", 250)
     out = tmp_path / "small_batches"
     build_dataset([simulated_bundle], out, CONFIG, seed=0)
     assert_same(snapshot(out), reference)

@@ -94,3 +94,52 @@ def test_staged_ground_truth_aligns_rows_by_cell_id(tmp_path, monkeypatch):
     assert np.isnan(with_missing["cluster"][0]) and with_missing["cluster"][1] == 2.0
     assert np.isnan(with_missing["is_target"][0]) and with_missing["is_target"][1] == 1.0
     assert with_missing["cell_type"].tolist() == [None, "t"]
+
+
+def test_a_mex_matrix_folder_reads_and_builds_like_the_hdf5_matrix(simulated_bundle, tmp_path):
+    """The 10x MEX layout (matrix.mtx.gz features x cells, barcodes.tsv.gz, features.tsv.gz)
+    gives the HDF5 file's matrix, whole or through `row_blocks`, and the same staged counts."""
+    import gzip
+
+    import scipy.io
+
+    from helpers import copy_bundle
+    from spatia.io.xenium import read_xenium
+
+    h5 = read_feature_matrix(simulated_bundle / "cell_feature_matrix.h5")
+    bundle = copy_bundle(simulated_bundle, tmp_path / "mex_bundle", skip=("cell_feature_matrix.h5",))
+    folder = bundle / "cell_feature_matrix"
+    folder.mkdir()
+    with gzip.open(folder / "matrix.mtx.gz", "wb") as fh:
+        scipy.io.mmwrite(fh, h5.counts.T.tocoo())
+    pd.Series(h5.barcodes).to_csv(folder / "barcodes.tsv.gz", sep="\t", header=False, index=False)
+    features = pd.DataFrame({"id": h5.feature_ids, "name": h5.feature_names, "type": h5.feature_types})
+    features.to_csv(folder / "features.tsv.gz", sep="\t", header=False, index=False)
+
+    mex = read_feature_matrix(folder)
+    assert (mex.counts != h5.counts).nnz == 0
+    assert list(mex.barcodes) == list(h5.barcodes) and list(mex.feature_names) == list(h5.feature_names)
+    blocks = list(open_feature_matrix(folder).row_blocks())
+    assert len(blocks) == 1 and (blocks[0][1] != h5.counts).nnz == 0
+
+    vocabulary = {g: i for i, g in enumerate(sorted(set(read_xenium(simulated_bundle).gene_names)))}
+    from_mex = stage_slide(read_xenium(bundle, in_memory=False), vocabulary, tmp_path / "stage_mex")
+    from_h5 = stage_slide(read_xenium(simulated_bundle, in_memory=False), vocabulary, tmp_path / "stage_h5")
+    cells = np.arange(len(from_h5.counts.total))
+    for a, b in zip(from_mex.counts.rows(cells), from_h5.counts.rows(cells)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_slide_read_without_its_tables_points_at_them_and_refuses_what_needs_them(simulated_bundle):
+    from spatia.errors import ConfigError
+    from spatia.io.xenium import read_xenium
+
+    whole = read_xenium(simulated_bundle)
+    slide = read_xenium(simulated_bundle, in_memory=False)
+    assert slide.counts is None and slide.control_counts is None and slide.cell_boundaries is None
+    assert slide.deferred.cell_boundaries == simulated_bundle / "cell_boundaries.parquet"
+    assert slide.cells.index.equals(whole.cells.index) and slide.gene_names == whole.gene_names
+    matrix = slide.deferred.matrix.read().counts[slide.deferred.matrix_rows][:, np.flatnonzero(slide.deferred.matrix.is_gene)]
+    assert (matrix != whole.counts).nnz == 0
+    with pytest.raises(ConfigError, match="in_memory=False"):
+        slide.to_anndata()

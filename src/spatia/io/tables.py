@@ -607,7 +607,7 @@ class FeatureMatrixFile:
     Attributes:
         path: ``cell_feature_matrix.h5`` or a MEX folder.
         barcodes, feature_ids, feature_names, feature_types, genomes: as in `FeatureMatrix`.
-        indptr: int64 (n_barcodes + 1,): row pointers (HDF5 only; None for MEX).
+        indptr: int64 (n_barcodes + 1,): row pointers (HDF5; None for MEX, see `mex`).
         n_nonzero: stored entries.
     """
 
@@ -619,6 +619,8 @@ class FeatureMatrixFile:
     genomes: np.ndarray
     indptr: np.ndarray | None
     n_nonzero: int
+    mex: FeatureMatrix | None = None
+    """A MEX folder's matrix, read whole once (MEX has no row pointers to stream by)."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -631,8 +633,8 @@ class FeatureMatrixFile:
     def row_blocks(self, max_nonzero: int = 1 << 22):
         """Yield (first_row, CSR (rows, n_features) with sorted indices) for consecutive blocks
         of rows holding about `max_nonzero` stored entries each (a MEX folder is read whole)."""
-        if self.indptr is None:
-            yield 0, _read_mex(self.path).counts
+        if self.mex is not None:
+            yield 0, self.mex.counts
             return
         import h5py
 
@@ -662,8 +664,8 @@ class FeatureMatrixFile:
 
     def read(self) -> FeatureMatrix:
         """The whole matrix in memory."""
-        if self.indptr is None:
-            return _read_mex(self.path)
+        if self.mex is not None:
+            return self.mex
         blocks = [block for _, block in self.row_blocks()]
         counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(self.shape, dtype=np.int32)
         if counts.data.dtype.kind == "f":  # a block held values beyond int32: all float32
@@ -680,7 +682,7 @@ def open_feature_matrix(path: Path) -> FeatureMatrixFile:
     if path.is_dir():
         mex = _read_mex(path)
         return FeatureMatrixFile(path, mex.barcodes, mex.feature_ids, mex.feature_names, mex.feature_types, mex.genomes,
-                                 None, int(mex.counts.nnz))  # fmt: skip
+                                 None, int(mex.counts.nnz), mex)  # fmt: skip
     import h5py
 
     try:

@@ -96,7 +96,8 @@ vertices or zero area; self-intersecting polygon whose repair leaves no area; ze
 fewer than `min_counts` counts."""
 
 GROUND_TRUTH_FILE = "ground_truth.parquet"
-_VALIDITY_BATCH = 100_000
+_PLAN_BLOCK_CELLS = 100_000
+"""Cells whose polygons are read and checked at a time while a slide is planned."""
 _SHA_BLOCK = 4 * 2**20
 
 
@@ -313,7 +314,7 @@ def plan_slide(
 ) -> SlidePlan:
     """Decide which cells are kept (and why not), crop geometry, scale, grid and split.
 
-    Polygons are read from the staged slide a block of `_VALIDITY_BATCH` cells at a time."""
+    Polygons are read from the staged slide a block of `_PLAN_BLOCK_CELLS` cells at a time."""
     cells = slide.cells
     n = len(cells)
     pixel_size = float(slide.pixel_size_um)
@@ -338,8 +339,8 @@ def plan_slide(
     bbox = np.full((n, 4), np.nan)
     area = np.full(n, np.nan)
     n_distinct = np.zeros(n, dtype=np.int64)
-    for first in range(0, n, _VALIDITY_BATCH):
-        rows = np.arange(first, min(n, first + _VALIDITY_BATCH))
+    for first in range(0, n, _PLAN_BLOCK_CELLS):
+        rows = np.arange(first, min(n, first + _PLAN_BLOCK_CELLS))
         if staged.polygons is None:
             offsets, vertices_px = np.zeros(len(rows) + 1, dtype=np.int64), np.zeros((0, 2))
         else:
