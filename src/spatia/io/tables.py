@@ -111,7 +111,9 @@ def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     try:
         if name.endswith(".parquet"):
             handle = open_parquet_stream(path)
-            schema_names = handle.schema_arrow.names
+            # a pandas-written file stores a non-default index as a column: not a table column
+            index_columns = (handle.schema_arrow.pandas_metadata or {}).get("index_columns", [])
+            schema_names = [c for c in handle.schema_arrow.names if c not in index_columns]
             use = [c for c in columns if c in schema_names] if columns is not None else schema_names
             pieces: dict[str, list[pd.Series]] = {name: [] for name in use}
             for batch in handle.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=use, use_threads=False):

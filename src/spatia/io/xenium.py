@@ -562,7 +562,6 @@ def read_xenium(
     # -- polygons ------------------------------------------------------------------------------
     width_um, height_um = image.extent_um
     boundaries: dict[str, CellPolygons | None] = {}
-    cell_boundaries_path = _first(folder, CELL_BOUNDARY_FILES)
     for key, names, what in (("cell", CELL_BOUNDARY_FILES, "cell"), ("nucleus", NUCLEUS_BOUNDARY_FILES, "nucleus")):
         found = _first(folder, names) if in_memory and (key == "cell" or read_nucleus_boundaries) else None
         if found is None:
@@ -580,6 +579,7 @@ def read_xenium(
         boundaries[key] = polygons
     deferred = None
     if not in_memory:
+        cell_boundaries_path = _first(folder, CELL_BOUNDARY_FILES)
         if cell_boundaries_path is not None:
             files_read.append(cell_boundaries_path)
         deferred = DeferredTables(matrix=matrix, matrix_rows=np.asarray(matrix_rows, dtype=np.int64),
