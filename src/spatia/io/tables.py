@@ -219,6 +219,27 @@ def read_cells_table(path: Path) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
+def ragged_index(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gather ragged rows: for rows starting at `starts` with `lengths` items in a flat array,
+    their new offsets int64 (len + 1,) and the flat indices int64 of their items, in order."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    index = np.repeat(np.asarray(starts, dtype=np.int64) - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+    return offsets, index
+
+
+def row_blocks_by_entries(indptr: np.ndarray, max_entries: int):
+    """(first_row, stop_row) of consecutive blocks of CSR rows holding about `max_entries`
+    stored entries each (a longer row forms its own block)."""
+    n_rows = len(indptr) - 1
+    row = 0
+    while row < n_rows:
+        stop = int(np.searchsorted(indptr, indptr[row] + max_entries, side="right")) - 1
+        stop = min(max(stop, row + 1), n_rows)
+        yield row, stop
+        row = stop
+
+
 @dataclass
 class CellPolygons:
     """Ragged polygons aligned to the cells order, in micrometres.
@@ -282,9 +303,7 @@ class CellPolygons:
         index = np.asarray(index)
         if index.dtype == bool:
             index = np.flatnonzero(index)
-        counts = self.n_vertices()[index]
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        gather = np.repeat(self.offsets[:-1][index] - offsets[:-1], counts) + np.arange(offsets[-1])
+        offsets, gather = ragged_index(self.offsets[:-1][index], self.n_vertices()[index])
         return CellPolygons(offsets=offsets, vertices_um=self.vertices_um[gather])
 
     def contains(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
@@ -361,32 +380,22 @@ class PolygonLayout:
     def gather_index(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For the cells `rows` (in that order): offsets int64 (len(rows) + 1,) of their
         polygons and the indices int64 of their vertices in the written array."""
-        counts = self.n_vertices[rows]
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        index = np.repeat(self.start[rows] - offsets[:-1], counts) + np.arange(offsets[-1], dtype=np.int64)
-        return offsets, index
+        return ragged_index(self.start[rows], self.n_vertices[rows])
 
 
 class VertexFile:
-    """A sink for `scan_polygons` writing float64 (x_um, y_um) rows to a file, read back with
-    `open()` (a read-only memory map; None while it is empty)."""
+    """A sink for `scan_polygons` writing float64 (x_um, y_um) rows to a raw file (read it back
+    as a memory map of shape (`PolygonLayout.n_written`, 2))."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._handle = open(self.path, "wb")
-        self.n_rows = 0
 
     def append(self, xy: np.ndarray) -> None:
         self._handle.write(np.ascontiguousarray(xy, dtype=np.float64).tobytes())
-        self.n_rows += len(xy)
 
     def close(self) -> None:
         self._handle.close()
-
-    def open(self) -> np.ndarray | None:
-        if self.n_rows == 0:
-            return None
-        return np.memmap(self.path, dtype=np.float64, mode="r", shape=(self.n_rows, 2))
 
 
 class _VertexList:
@@ -640,14 +649,11 @@ class FeatureMatrixFile:
             return
         import h5py
 
-        n_rows, n_features = self.shape
+        n_features = self.shape[1]
         try:
             with h5py.File(self.path, "r") as h5:
                 data, indices = h5["matrix/data"], h5["matrix/indices"]
-                row = 0
-                while row < n_rows:
-                    stop = int(np.searchsorted(self.indptr, self.indptr[row] + max_nonzero, side="right")) - 1
-                    stop = min(max(stop, row + 1), n_rows)
+                for row, stop in row_blocks_by_entries(self.indptr, max_nonzero):
                     lo, hi = int(self.indptr[row]), int(self.indptr[stop])
                     block_indices = indices[lo:hi].astype(np.int64)
                     if len(block_indices) and (block_indices.min() < 0 or block_indices.max() >= n_features):
@@ -658,7 +664,6 @@ class FeatureMatrixFile:
                     )
                     block.sort_indices()
                     yield row, block
-                    row = stop
         except BundleError:
             raise
         except (OSError, KeyError, ValueError) as exc:

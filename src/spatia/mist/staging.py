@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from spatia.errors import InputDataError
-from spatia.io.tables import PolygonLayout, VertexFile, scan_polygons
+from spatia.io.tables import PolygonLayout, VertexFile, ragged_index, row_blocks_by_entries, scan_polygons
 
 COUNT_BLOCK_NONZERO = 1 << 21
 """Stored count entries converted per block while staging (~50 MB of transient memory)."""
@@ -39,7 +39,6 @@ class StagedCounts:
         row_of_cell: int64 (n_cells,): the stored row of each cell of the slide's cells table.
         total: int64 (n_cells,): total gene counts of each cell.
         n_detected: int32 (n_cells,): genes with a non-zero count in each cell.
-        n_genes: vocabulary size (columns).
     """
 
     directory: Path
@@ -47,18 +46,14 @@ class StagedCounts:
     row_of_cell: np.ndarray
     total: np.ndarray
     n_detected: np.ndarray
-    n_genes: int
 
     def rows(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """CSR rows of the cells `cells` (positions in the cells table, in that order): indptr
         int64, indices uint32 (ascending per row), values uint32."""
         source = self.row_of_cell[np.asarray(cells, dtype=np.int64)]
-        starts = self.indptr[source]
-        lengths = self.indptr[source + 1] - starts
-        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        if indptr[-1] == 0:
+        indptr, index = ragged_index(self.indptr[source], self.indptr[source + 1] - self.indptr[source])
+        if len(index) == 0:
             return indptr, np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.uint32)
-        index = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1], dtype=np.int64)
         n = int(self.indptr[-1])
         indices = np.memmap(self.directory / "counts_indices.u32", dtype=np.uint32, mode="r", shape=(n,))
         values = np.memmap(self.directory / "counts_values.u32", dtype=np.uint32, mode="r", shape=(n,))
@@ -73,10 +68,6 @@ class StagedPolygons:
 
     path: Path
     layout: PolygonLayout
-
-    @property
-    def n_vertices(self) -> np.ndarray:
-        return self.layout.n_vertices
 
     def rows(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Polygons of the cells `cells` (in that order): offsets int64 (len + 1,) and
@@ -143,20 +134,14 @@ def _stage_counts(blocks, column_of_feature: np.ndarray, n_genes: int, row_of_ce
         row_of_cell=row_of_cell,
         total=row_total[row_of_cell],
         n_detected=row_nnz[row_of_cell].astype(np.int32),
-        n_genes=n_genes,
     )
 
 
 def _memory_blocks(counts: sp.spmatrix, max_nonzero: int):
     """Consecutive row blocks of an in-memory matrix, about `max_nonzero` entries each."""
-    counts = counts if sp.issparse(counts) else sp.csr_matrix(np.asarray(counts))
-    counts = sp.csr_matrix(counts)
-    row = 0
-    while row < counts.shape[0]:
-        stop = int(np.searchsorted(counts.indptr, counts.indptr[row] + max_nonzero, side="right")) - 1
-        stop = min(max(stop, row + 1), counts.shape[0])
+    counts = sp.csr_matrix(counts if sp.issparse(counts) else np.asarray(counts))
+    for row, stop in row_blocks_by_entries(counts.indptr, max_nonzero):
         yield row, counts[row:stop]
-        row = stop
 
 
 def stage_slide(slide: Any, vocabulary: dict[str, int], directory: Path) -> StagedSlide:
