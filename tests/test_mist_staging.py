@@ -143,3 +143,23 @@ def test_a_slide_read_without_its_tables_points_at_them_and_refuses_what_needs_t
     assert (matrix != whole.counts).nnz == 0
     with pytest.raises(ConfigError, match="in_memory=False"):
         slide.to_anndata()
+
+
+def test_misaligned_or_impossible_tables_are_refused_with_the_reason(tmp_path):
+    from spatia.errors import InputDataError
+
+    def slide(counts, polygons=None):
+        return SimpleNamespace(cells=pd.DataFrame(index=pd.Index(["a", "b", "c"])), counts=sp.csr_matrix(counts),
+                               gene_names=["G0", "G1"], cell_boundaries=polygons, path=tmp_path / "bundle")  # fmt: skip
+
+    vocabulary = {"G0": 0, "G1": 1}
+    with pytest.raises(InputDataError, match="2 rows for 3 cells"):
+        stage_slide(slide(np.ones((2, 2), dtype=np.int32)), vocabulary, tmp_path / "s1")
+    square = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=float)
+    two_polygons = CellPolygons(np.array([0, 4, 8]), np.concatenate([square, square]))
+    with pytest.raises(InputDataError, match="3 cells but 2 cell polygons"):
+        stage_slide(slide(np.ones((3, 2), dtype=np.int32), two_polygons), vocabulary, tmp_path / "s2")
+    with pytest.raises(InputDataError, match="negative"):
+        stage_slide(slide(np.array([[1, -2], [0, 1], [3, 0]], dtype=np.int32)), vocabulary, tmp_path / "s3")
+    with pytest.raises(InputDataError, match="above 2\\^32"):
+        stage_slide(slide(np.array([[1, 2**33], [0, 1], [3, 0]], dtype=np.int64)), vocabulary, tmp_path / "s4")
