@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from spatia.console import configure
-    from spatia.io.simulate import SimulationConfig, simulate_bundle
+    from spatia.sim import SimulationConfig, simulate_bundle
     from spatia.mist import BuildConfig, build_dataset
 
     configure(quiet=True)

@@ -49,6 +49,7 @@ def main() -> None:
     from spatia.console import configure
     from spatia.mist import MultiScaleDataset
     from spatia.model import SpatiaModel, flop_counter, load_config
+    from spatia.train.data import resolve_data_config
     from spatia.train import embed_model, embedding_batches
     from spatia.train.data import EmbeddingDataset
     from spatia.train.pretrain import resolve_precision
@@ -60,6 +61,7 @@ def main() -> None:
     precision = resolve_precision(args.precision, "gpu" if device.startswith("cuda") else "cpu")
     preset = "cpu" if config.image.cell_size_px == 64 else "paper"
     dataset = ensure_dataset(args.work, args.cells, preset, args.seed)
+    config = resolve_data_config(config, dataset)  # the token cap and pixel statistics, as pretrain does
     genes = MultiScaleDataset(dataset, split=None).genes
     torch.manual_seed(args.seed)
     model = SpatiaModel(config, genes).to(device)

@@ -2,7 +2,8 @@
 
 Two inputs:
 
-    # synthetic AnnData with 6 SPATIA embeddings + 3 baselines (9 representations)
+    # synthetic AnnData with 6 SPATIA embeddings, 2 level concatenations and the baselines
+    # (PCA, count autoencoder, scVI when installed, morphology, PCA + morphology)
     .venv/bin/python benchmarks/bench_evaluate.py --cells 5000 --seeds 3
 
     # the real Xenium section (10x graph clusters as labels; baselines only, since no SPATIA
@@ -12,7 +13,8 @@ Two inputs:
         --report /tmp/bm_report
 
 Prints one JSON line: {"input", "cells", "representations", "seeds", "timings_s": {...},
-"annotation_mlp_macro_f1": {...}, "clustering_leiden_label_free_ari": {...}, ...}.
+"figures": {"annotation": {label: {representation: {...}}}, "clustering": ..., "expression": ...,
+"imputation": ...}} (`spatia.evaluate.report.summary_figures`).
 """
 
 from __future__ import annotations
@@ -23,34 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-
-def _headline(results: dict) -> dict:
-    tasks = results["tasks"]
-    out: dict = {}
-    if tasks["annotation"]["status"] == "ok":
-        res = tasks["annotation"]["results"]
-        out["annotation_mlp_macro_f1"] = {k: round(v["mlp"]["macro_f1"]["mean"], 3) for k, v in res.items()}
-        out["annotation_logreg_macro_f1"] = {k: round(v["logreg"]["macro_f1"]["mean"], 3) for k, v in res.items()}
-        out["annotation_mlp_accuracy"] = {k: round(v["mlp"]["accuracy"]["mean"], 3) for k, v in res.items()}
-    if tasks["clustering"]["status"] == "ok":
-        res = tasks["clustering"]["results"]
-        out["clustering_leiden_best_ari"] = {k: round(v["leiden_best"]["ari"]["mean"], 3) for k, v in res.items()}
-        out["clustering_leiden_label_free_ari"] = {k: round(v["leiden_label_free"]["ari"]["mean"], 3) for k, v in res.items()}
-        out["clustering_leiden_label_free_nmi"] = {k: round(v["leiden_label_free"]["nmi"]["mean"], 3) for k, v in res.items()}
-        out["clustering_kmeans_ari"] = {k: round(v["kmeans"]["ari"]["mean"], 3) for k, v in res.items()}
-    if tasks["expression"]["status"] == "ok":
-        res = tasks["expression"]["results"]
-        out["expression_pearson"] = {f"{k}/{m}": round(v[m]["pearson"]["mean"], 3) for k, v in res.items()
-                                     for m in ("xgboost", "ridge") if v[m].get("status") == "ok"}
-        out["expression_spearman"] = {f"{k}/{m}": round(v[m]["spearman"]["mean"], 3) for k, v in res.items()
-                                      for m in ("xgboost", "ridge") if v[m].get("status") == "ok"}
-    if tasks["imputation"]["status"] == "ok":
-        res = tasks["imputation"]["results"]
-        out["imputation_pearson"] = {k: round(v["pearson"]["mean"], 3) for k, v in res.items() if v["status"] == "ok"}
-        out["imputation_pearson_per_gene"] = {k: round(v["pearson_per_gene"]["mean"], 3) for k, v in res.items()
-                                              if v["status"] == "ok"}
-    return out
 
 
 def main() -> None:
@@ -65,6 +39,7 @@ def main() -> None:
 
     from spatia.console import configure
     from spatia.evaluate import EvaluateConfig, crops_from_mist, evaluate, write_report
+    from spatia.evaluate.report import summary_figures
 
     configure(quiet=True)
     started = time.perf_counter()
@@ -99,7 +74,7 @@ def main() -> None:
         "split": {k: results["split"][k] for k in ("n_train", "n_test", "n_buffer", "min_train_test_distance_um")},
         "prepare_s": round(prepared, 2),
         "timings_s": results["timings_s"],
-        **_headline(results),
+        "figures": summary_figures(results),
     }
     json.dump(line, sys.stdout)
     sys.stdout.write("\n")

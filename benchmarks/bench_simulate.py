@@ -21,7 +21,7 @@ from pathlib import Path
 
 def run_one(n_cells: int, layout: str, z_planes: int, seed: int) -> dict:
     from spatia.console import configure
-    from spatia.io.simulate import SimulationConfig, simulate_bundle
+    from spatia.sim import SimulationConfig, simulate_bundle
 
     configure(quiet=True)
     with tempfile.TemporaryDirectory(prefix="bench_simulate_") as tmp:

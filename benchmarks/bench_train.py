@@ -77,7 +77,7 @@ def _sync(device: str) -> None:
 
 
 def ensure_dataset(work: Path, cells: int, preset: str, seed: int) -> Path:
-    from spatia.io.simulate import SimulationConfig, simulate_bundle
+    from spatia.sim import SimulationConfig, simulate_bundle
     from spatia.mist import BuildConfig, build_dataset
 
     work.mkdir(parents=True, exist_ok=True)
@@ -122,6 +122,7 @@ def main() -> None:
     from spatia.model import flop_counter, load_config
     from spatia.model.config import config_from_dict
     from spatia.train import SpatiaPretrainModule, pretrain
+    from spatia.train.data import resolve_data_config
     from spatia.train.module import STAGES
     from spatia.train.pretrain import resolve_precision
 
@@ -140,6 +141,7 @@ def main() -> None:
     precision = resolve_precision(args.precision, "gpu" if device.startswith("cuda") else "cpu")
     preset = "cpu" if config.image.cell_size_px == 64 else "paper"
     dataset = ensure_dataset(args.work, args.cells, preset, args.seed)
+    config = resolve_data_config(config, dataset)  # the token cap and pixel statistics, as pretrain does
 
     # ---- batches (pre-collated) and their FLOPs
     ds = MultiScaleDataset(dataset, split="train")

@@ -26,7 +26,7 @@ def real_bundle() -> Path:
 def simulated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3,000-cell simulated Xenium bundle (layout v1, seed 0) with ground_truth.parquet and
     ground_truth.json, written once per session (a few seconds). Read-only for tests."""
-    from spatia.io.simulate import SimulationConfig, simulate_bundle
+    from spatia.sim import SimulationConfig, simulate_bundle
 
     out = tmp_path_factory.mktemp("simulated") / "bundle"
     simulate_bundle(out, SimulationConfig(n_cells=3000), seed=0)

@@ -139,7 +139,8 @@ def test_cli_pretrain_then_embed(simulated_mist, tmp_path):
     adata = anndata.read_h5ad(out)
     assert set(adata.obs["split"]) == {"test"} and "X_spatia_cell" in adata.obsm
     record = json.loads((out.parent / "cells.spatia_run.json").read_text())
-    assert record["command"] == "embed" and record["config"]["n_cells"] == adata.n_obs
+    assert record["command"] == "embed" and record["results"]["cells"] == adata.n_obs
+    assert record["config"]["splits"] == ["test"] and record["inputs"]["checkpoint"] == str((run / "checkpoints" / "last.ckpt").resolve())
     result = runner.invoke(app, ["embed", str(simulated_mist), "-c", str(run / "checkpoints" / "last.ckpt"), "-o", str(out)])
     assert result.exit_code == 2 and "already exists" in result.output
 

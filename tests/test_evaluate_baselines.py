@@ -7,9 +7,10 @@ import scanpy as sc
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
-from spatia.evaluate import ExpressionKnnImputer, GeneMeanImputer, KnnImputer, hold_out_mask, log_normalise
+from spatia.evaluate import ExpressionKnnImputer, GeneMeanImputer, KnnImputer, hold_out_mask
 from spatia.evaluate.baselines import concatenate_blocks, standardise_features
-from spatia.evaluate.tasks import LeidenGraph, knn_adjacency
+from spatia.evaluate.leiden import LeidenGraph, knn_adjacency
+from spatia.expression import log_normalise
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def test_mist_crops_match_the_cells(real_inputs):
 def test_real_section_evaluation(real_inputs, tmp_path):
     adata, crops = real_inputs
     config = EvaluateConfig(labels="gene_expression_graphclust", n_seeds=2, layout="none",
-                            leiden_resolutions=(0.5, 1.0, 2.0), xgb_max_train_cells=1500)
+                            leiden_resolutions=(0.5, 1.0, 2.0), xgb_max_train_cells=1500, baselines=("pca",))
     results = evaluate(adata, config, crops=crops)
     split = results["split"]
     assert split["min_train_test_distance_um"] >= 50.0 and split["n_test"] > 500

@@ -13,7 +13,8 @@ from spatia.errors import OutputExistsError
 from spatia.evaluate import EvaluateConfig, evaluate, write_report
 from spatia.evaluate.synthetic import synthetic_evaluation_data
 
-FAST = dict(n_seeds=2, leiden_resolutions=(0.1, 0.5), xgb_estimators=20, mlp_hidden=(32,), layout="pca")
+FAST = {"n_seeds": 2, "leiden_resolutions": (0.1, 0.5), "xgb_estimators": 20, "mlp_hidden": (32,), "layout": "pca",
+        "baselines": ("pca",)}
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,14 @@ def test_report_files_tables_and_figures(results, tmp_path):
     for title in ("## Cell annotation", "## Clustering", "## Expression from morphology", "## Gene imputation"):
         assert title in md
     mlp = metrics["tasks"]["annotation"]["results"]["X_spatia"]["mlp"]["macro_f1"]
-    assert f"| SPATIA (unified) | {mlp['mean']:.3f} ± {mlp['std']:.3f} |" in md
+    cell = f"{mlp['mean']:.3f} ± {mlp['std']:.3f}"
+    assert f"| SPATIA (unified) | {cell} |" in md or f"| SPATIA (unified) | **{cell}** |" in md
     assert "| SPATIA gene decoder | skipped: no model given |" in md
     assert "| PCA + morphology |" in md
 
     page = (out / "report.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") and page.count("<table>") == 4
+    # annotation, clustering, levels, expression, niche expression (skipped: no niche IDs), imputation
+    assert page.startswith("<!DOCTYPE html>") and page.count("<table>") == 6
     embedded = page.split("data:image/png;base64,")[1:]
     assert len(embedded) == 4
     assert base64.b64decode(embedded[0].split("'")[0])[:4] == b"\x89PNG"
@@ -66,6 +69,8 @@ def test_skipped_tasks_render(results, tmp_path):
     out = write_report(evaluate(adata, config), tmp_path / "r")
     md = (out / "report.md").read_text()
     assert "skipped: not requested" in md
+    # no X_spatia: the cell level stands for SPATIA against the PCA baseline
+    assert "SPATIA cell level (no niche/tissue) " in _headline_section(md).split(" vs best baseline PCA")[0]
     assert {p.name for p in (out / "figures").iterdir()} == {"spatial.png", "annotation_f1.png"}
 
 
@@ -78,7 +83,8 @@ def test_cli_evaluate_end_to_end(tmp_path):
     adata.obsm.pop("X_spatia_image")
     adata.write_h5ad(tmp_path / "cells.h5ad")
     np.savez(tmp_path / "crops.npz", images=crops.images, masks=crops.masks, cell_id=crops.cell_ids)
-    (tmp_path / "eval.yaml").write_text("leiden_resolutions: [0.2, 0.6]\nxgb_estimators: 10\nmlp_hidden: [16]\n")
+    (tmp_path / "eval.yaml").write_text("leiden_resolutions: [0.2, 0.6]\nxgb_estimators: 10\nmlp_hidden: [16]\n"
+                                        "baselines: [pca]\n")
     runner = CliRunner()
     args = ["evaluate", str(tmp_path / "cells.h5ad"), "--labels", "cell_type", "-o", str(tmp_path / "out"),
             "--crops", str(tmp_path / "crops.npz"), "--image-embeddings", str(tmp_path / "image.h5ad"),
@@ -89,9 +95,9 @@ def test_cli_evaluate_end_to_end(tmp_path):
     out = tmp_path / "out"
     run = json.loads((out / "spatia_run.json").read_text())
     assert run["command"] == "evaluate" and run["seed"] == 5
-    assert run["config"]["evaluate"]["leiden_resolutions"] == [0.2, 0.6] and run["config"]["evaluate"]["layout"] == "none"
-    assert run["config"]["inputs"]["cells"] == str((tmp_path / "cells.h5ad").resolve())
-    assert run["config"]["inputs"]["checkpoint"] is None
+    assert run["config"]["leiden_resolutions"] == [0.2, 0.6] and run["config"]["layout"] == "none"
+    assert run["inputs"]["cells"] == str((tmp_path / "cells.h5ad").resolve())
+    assert run["inputs"]["checkpoint"] is None
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seeds"] == [5, 6]
     assert set(metrics["tasks"]["annotation"]["results"]) == {"X_spatia", "X_spatia_image", "pca", "morphology",
@@ -121,3 +127,129 @@ def test_add_modality_embedding_aligns_by_cell_id():
     expected = adata.obsm.pop("X_spatia_image")
     add_modality_embedding(adata, other, "X_spatia_image")
     assert np.array_equal(adata.obsm["X_spatia_image"], expected)
+
+
+# --- verdicts: headline, warning, bold ---------------------------------------------------------
+
+def _verdict_run(spatia: np.ndarray | None, seed: int = 11):
+    """Annotation only, PCA baseline; X_spatia replaced by `spatia` (a known-good or known-bad embedding)."""
+    adata, _ = synthetic_evaluation_data(400, n_genes=40, n_types=3, seed=seed)
+    if spatia is not None:
+        adata.obsm["X_spatia"] = spatia(adata)
+    config = EvaluateConfig(labels="cell_type", tasks=("annotation",), embeddings=("X_spatia",),
+                            **{**FAST, "layout": "none"})
+    return evaluate(adata, config)
+
+
+def _one_hot_types(adata) -> np.ndarray:
+    codes = adata.obs["cell_type"].cat.codes.to_numpy()
+    return np.eye(codes.max() + 1, dtype=np.float32)[codes] * 5.0
+
+
+def _noise(adata) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(adata.n_obs, 8)).astype(np.float32)
+
+
+def _headline_section(md: str) -> str:
+    return md.split("## Headlines")[1].split("\n## ")[0]
+
+
+@pytest.mark.parametrize("embedding, spatia_wins", [(_one_hot_types, True), (_noise, False)])
+def test_headline_names_best_and_sign_and_warns_only_when_below(embedding, spatia_wins, tmp_path):
+    # ground truth by construction: the cell type itself beats PCA of the counts; noise loses to it
+    out = write_report(_verdict_run(embedding), tmp_path / "r")
+    md = (out / "report.md").read_text()
+    verdict = json.loads((out / "metrics.json").read_text())["verdicts"]["annotation"]
+    assert verdict["spatia"]["key"] == "X_spatia" and verdict["baseline"]["key"] == "pca"
+    head = _headline_section(md)
+    if spatia_wins:
+        assert verdict["best"]["key"] == "X_spatia" and verdict["difference"] > 0.02
+        assert "best is SPATIA (unified)" in head and " +0." in head
+        assert "WARNING" not in md and "WARNING" not in (out / "report.html").read_text()
+    else:
+        assert verdict["best"]["key"] == "pca" and verdict["difference"] < -0.2
+        assert "best is PCA (50) of log-expression" in head and " -0." in head
+        assert md.count("WARNING: SPATIA (unified) is below the baseline PCA (50) of log-expression") == 1
+        page = (out / "report.html").read_text()
+        assert "<p class='warning'>WARNING: SPATIA (unified) is below" in page
+
+
+def _stat(mean: float, std: float) -> dict:
+    return {"mean": mean, "std": std, "values": [mean - std, mean + std], "n_runs": 2, "deterministic": False}
+
+
+def _annotation_results(f1: dict[str, tuple[float, float]]) -> dict:
+    """A hand-made results dict with one annotation task: {key: (mean, std) of MLP macro-F1}."""
+    def entry(mean, std):
+        return {m: {k: _stat(mean, std) for k in ("macro_f1", "precision", "accuracy")} for m in ("mlp", "logreg")}
+    names = {"X_spatia": "SPATIA (unified)", "pca": "PCA", "scvi": "scVI", "X_spatia_cell": "SPATIA cell"}
+    return {"dataset": {"label_column": "cell_type"},
+            "embeddings": {k: {"name": names[k]} for k in f1},
+            "tasks": {"annotation": {"status": "ok", "results": {k: entry(*v) for k, v in f1.items()}}}}
+
+
+@pytest.mark.parametrize("f1, below, within", [
+    ({"X_spatia": (0.80, 0.01), "pca": (0.70, 0.02), "scvi": (0.75, 0.03)}, False, False),
+    ({"X_spatia": (0.74, 0.01), "pca": (0.70, 0.02), "scvi": (0.75, 0.03)}, True, True),   # -0.01, spread 0.03
+    ({"X_spatia": (0.60, 0.01), "pca": (0.70, 0.02), "scvi": (0.75, 0.03)}, True, False),
+    ({"X_spatia": (0.75, 0.00), "pca": (0.70, 0.00), "scvi": (0.75, 0.00)}, False, False),  # a tie is not below
+])
+def test_verdict_difference_spread_and_warning(f1, below, within):
+    from spatia.evaluate.verdicts import headline, task_verdicts
+
+    v = task_verdicts(_annotation_results(f1))["annotation"]
+    assert v["baseline"]["key"] == "scvi"  # the best of the baselines
+    assert v["difference"] == pytest.approx(f1["X_spatia"][0] - 0.75)
+    assert v["spread"] == pytest.approx(max(f1["X_spatia"][1], 0.03 if f1["scvi"][1] else 0.0))
+    assert v["spatia_below_baseline"] is below and v["within_spread"] is within
+    text, warning = headline(v)
+    assert (warning is not None) is below
+    assert ("within seed spread" in text) is within
+    if below:
+        assert warning.startswith("WARNING: SPATIA (unified) is below the baseline scVI")
+
+
+def test_bold_marks_the_column_max(results, tmp_path):
+    from spatia.evaluate.report import _annotation_table, _cells
+
+    f1 = {"X_spatia_cell": (0.61, 0.01), "X_spatia": (0.83, 0.02), "pca": (0.79, 0.02), "scvi": (0.70, 0.01)}
+    made = _annotation_results(f1)
+    ann = made["tasks"]["annotation"]
+    ann.update(n_train=10, n_test=5, classes=["a", "b"], chance_accuracy=0.5, excluded_classes=[])
+    ann["results"]["pca"]["logreg"]["macro_f1"] = _stat(0.9, 0.0)
+    _, _, rows, _ = _annotation_table(made, ann, "Cell annotation", "0, 1")
+    cells = {row[0][0]: row[1:] for row in _cells(rows)}
+    assert [k for k, row in cells.items() if row[0][1]] == ["SPATIA (unified)"]  # MLP macro-F1: 0.83 is the max
+    assert [k for k, row in cells.items() if row[3][1]] == ["PCA"]               # LogReg macro-F1: 0.9 is the max
+
+    # the rendered report: in the MLP macro-F1 column the bold cells are exactly those at the max
+    md = (write_report(results, tmp_path / "r") / "report.md").read_text()
+    table = md.split("## Cell annotation")[1].split("\n## ")[0]
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "Representation" not in line]
+    f1_mlp = {k: round(v["mlp"]["macro_f1"]["mean"], 3) for k, v in results["tasks"]["annotation"]["results"].items()}
+    best = max(f1_mlp.values())
+    bold = [line.split(" | ")[1].startswith("**") for line in lines]
+    assert bold == [v == best for v in f1_mlp.values()] and any(bold)
+
+
+def test_every_figure_has_axis_labels_and_a_legend(results, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    seen = []
+    original = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        seen.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    write_report(results, tmp_path / "r")
+    assert len(seen) == 4
+    for fig in seen:
+        axes = [ax for ax in fig.axes if ax.axison]
+        assert axes
+        for ax in axes:
+            assert ax.get_xlabel() and ax.get_ylabel(), (fig, ax.get_title())
+        assert any(ax.get_legend() is not None for ax in axes)
+    spatial = next(f for f in seen if any(ax.get_xlabel() == "x (um)" for ax in f.axes))
+    assert all(ax.get_legend() is not None for ax in spatial.axes if ax.axison)  # labels, split and clusters

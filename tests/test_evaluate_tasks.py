@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from spatia.config import load_config
 from spatia.errors import ConfigError, InputDataError
 from spatia.evaluate import EvaluateConfig, KnnImputer, evaluate, hold_out_mask, metrics_payload
 from spatia.evaluate.synthetic import synthetic_evaluation_data
 
-FAST = dict(n_seeds=2, leiden_resolutions=(0.1, 0.5), layout="none", xgb_estimators=30, mlp_hidden=(64,))
+FAST = dict(n_seeds=2, leiden_resolutions=(0.1, 0.5), layout="none", xgb_estimators=30, mlp_hidden=(64,),
+            baselines=("pca",))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def test_strong_signal_reaches_high_scores(strong):
     assert [tasks[t]["status"] for t in ("annotation", "clustering", "expression", "imputation")] == ["ok"] * 4
     ann = tasks["annotation"]["results"]
     expected = {"X_spatia", "X_spatia_cell", "X_spatia_niche", "X_spatia_tissue", "X_spatia_image", "X_spatia_gene",
-                "pca", "morphology", "pca+morphology"}
+                "X_spatia_cell+niche", "X_spatia_cell+niche+tissue", "pca", "morphology", "pca+morphology"}
     assert set(ann) == expected
     for key in ("X_spatia", "X_spatia_cell", "pca", "morphology", "pca+morphology"):
         assert ann[key]["mlp"]["macro_f1"]["mean"] > 0.9, key
@@ -78,7 +80,7 @@ def test_metrics_are_json_without_nan(strong):
     _, results, _ = strong
     text = json.dumps(metrics_payload(results), allow_nan=False)
     payload = json.loads(text)
-    assert payload["seeds"] == [0, 1] and payload["config"]["labels"] == "cell_type"
+    assert payload["seeds"] == [0, 1] and payload["config"]["labels"] == ["cell_type"]
     assert payload["split"]["n_train"] + payload["split"]["n_test"] + payload["split"]["n_buffer"] == 700
     assert payload["split"]["min_train_test_distance_um"] >= 50.0
     assert "plots" not in payload
@@ -171,5 +173,11 @@ def test_user_mistakes_raise_clear_errors():
         evaluate(adata, EvaluateConfig(labels="cell_type"))
     with pytest.raises(ConfigError, match="unknown evaluation task"):
         EvaluateConfig(labels="x", tasks=("annotate",))
-    with pytest.raises(ConfigError, match="unknown evaluate setting"):
-        EvaluateConfig.from_mapping({"labels": "x", "n_seed": 2})
+    with pytest.raises(ConfigError, match="unknown key 'n_seed'"):
+        load_config(EvaluateConfig, {"labels": "x", "n_seed": 2})
+    with pytest.raises(ConfigError, match="'labels' is not set"):
+        load_config(EvaluateConfig, {"n_seeds": 2})
+    with pytest.raises(ConfigError, match="'labels' is not set"):
+        evaluate(adata, EvaluateConfig())
+    with pytest.raises(ConfigError, match="level_concatenations"):
+        EvaluateConfig(labels="x", level_concatenations=("cell+cell",))

@@ -11,7 +11,7 @@ from spatia.evaluate.synthetic import synthetic_evaluation_data
 def test_umap_layout_separates_types_and_renders(tmp_path):
     adata, _ = synthetic_evaluation_data(300, n_genes=30, n_types=3, seed=11)
     config = EvaluateConfig(labels="cell_type", tasks=("annotation",), embeddings=("X_spatia",), n_seeds=1,
-                            layout="umap", layout_max_cells=250, mlp_hidden=(16,))
+                            layout="umap", layout_max_cells=250, mlp_hidden=(16,), baselines=("pca",))
     results = evaluate(adata, config)
     plots = results["plots"]
     assert plots["layout_name"] == "UMAP" and len(plots["layout_rows"]) == 250

@@ -57,7 +57,8 @@ def test_held_out_counts_never_reach_the_model(simulated_mist, simulated_checkpo
 
 
 def test_matches_a_forward_pass_by_hand(simulated_mist, simulated_checkpoint, cells, query):
-    """One tissue region: hide the genes, embed the region, decode z, undo the normalisation."""
+    """One tissue region: hide the genes, embed the region, decode z: the share of the library
+    (softmax over the panel) times the library estimated from the visible counts."""
     model, info = load_model(simulated_checkpoint)
     ds = MultiScaleDataset(simulated_mist, split=None)
     region = ds.tissue_cell_rows[0]
@@ -69,19 +70,21 @@ def test_matches_a_forward_pass_by_hand(simulated_mist, simulated_checkpoint, ce
     pred = imputer(sp.csr_matrix(visible), mask, names)
 
     batch = collate_multiscale([ds[k] for k in ds.keys_for([0], region.tolist())])
+    panel = batch["cell_gene_measured"].clone()
     batch["cell_counts"] = torch.from_numpy(visible)  # var order is the vocabulary order here
     batch["cell_gene_measured"] = batch["cell_gene_measured"] & ~torch.from_numpy(mask)
     z = model.embed(batch, levels=info.levels).z
-    target_sum = model.config.gene.target_sum
     for j in (0, len(region) // 2, len(region) - 1):
         genes = np.flatnonzero(mask[j])
         with torch.no_grad():
-            v = model.gene_decoder(z[j : j + 1], "cell", torch.from_numpy(genes)[None]).numpy()[0].astype(np.float64)
-        share = np.expm1(v).clip(min=0) / target_sum
-        total = visible[j].sum() / (1.0 - min(share.sum(), 0.9))
+            logits = model.gene_decoder(z[j : j + 1], "cell")[0].double()
+        logits[~panel[j]] = -np.inf
+        share = torch.softmax(logits, 0).numpy()[genes]           # the NB mean's share of the library
+        visible_total = visible[j][batch["cell_gene_measured"][j].numpy()].sum()
+        total = visible_total / (1.0 - min(share.sum(), 0.9))
         np.testing.assert_allclose(pred[j, genes], share * total, rtol=1e-4, atol=1e-6)
     # the model's input normalisation ignores the hidden genes: totals over visible genes only
-    values = normalize_counts(batch["cell_counts"], batch["cell_gene_measured"], target_sum)
+    values = normalize_counts(batch["cell_counts"], batch["cell_gene_measured"], model.config.gene.target_sum)
     assert torch.all(values[torch.from_numpy(mask)] == 0)
 
 

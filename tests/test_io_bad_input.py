@@ -5,6 +5,8 @@ Every case copies the small files of the real section under tmp_path and damages
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import h5py
@@ -209,6 +211,34 @@ def test_truncated_image(bundle):
     with pytest.raises(BundleError, match="morphology_focus.ome.tif"):
         slide = read_xenium(bundle)  # the directory may still parse ...
         slide.image.read_level(0)  # ... but the missing tiles cannot be read
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_truncated_image_is_refused_when_opened_without_tifffile_noise(bundle):
+    """An interrupted copy (the last tenth missing, the directory intact): refused at once, with
+    spatia's message only (tifffile's own log lines never reach the handlers that print)."""
+    path = bundle / "morphology_focus.ome.tif"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.9)])
+    printed = _Records()
+    root = logging.getLogger()
+    root.addHandler(printed)
+    try:
+        with pytest.raises(BundleError, match=r"the image file is truncated: \d+ of its \d+ tiles lie past its end"):
+            read_xenium(bundle)
+    finally:
+        root.removeHandler(printed)
+    assert not [r for r in printed.records if r.name.startswith("tifffile")]
+    result = CliRunner().invoke(app, ["info", str(bundle)])
+    assert result.exit_code == 2 and "truncated" in result.output and "tifffile" not in result.output
 
 
 def test_damaged_tile_fails_on_read_not_open(bundle):

@@ -12,38 +12,9 @@ import pytest
 import tifffile
 
 from spatia.errors import BundleError, ConfigError
-from spatia.io.image import DEFAULT_PIXEL_SIZE_UM, XENIUM_V2_CHANNELS, HEImage, MorphologyImage, read_alignment_csv
-
-
-def write_pyramid(
-    path: Path,
-    levels: list[np.ndarray],
-    *,
-    axes: str = "YX",
-    tile: int = 64,
-    channel_names: list[str] | None = None,
-    pixel_size_um: float | None = 0.2125,
-    compression: str = "zlib",
-    photometric: str | None = None,
-) -> Path:
-    """An OME-TIFF whose level 0 is in the main IFD and lower levels are SubIFDs (as Xenium writes)."""
-    metadata: dict = {"axes": axes}
-    if pixel_size_um is not None:
-        metadata.update(PhysicalSizeX=pixel_size_um, PhysicalSizeY=pixel_size_um)
-    if channel_names is not None:
-        metadata["Channel"] = {"Name": channel_names}
-    with tifffile.TiffWriter(path, ome=True) as tw:
-        tw.write(
-            levels[0],
-            tile=(tile, tile),
-            subifds=len(levels) - 1,
-            compression=compression,
-            photometric=photometric,
-            metadata=metadata,
-        )
-        for level in levels[1:]:
-            tw.write(level, tile=(tile, tile), subfiletype=1, compression=compression, photometric=photometric)
-    return path
+from spatia.io.he_image import HEImage, read_alignment_csv
+from spatia.io.image import DEFAULT_PIXEL_SIZE_UM, XENIUM_V2_CHANNELS, MorphologyImage
+from helpers import write_pyramid
 
 
 def downsample(image: np.ndarray) -> np.ndarray:

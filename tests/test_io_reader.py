@@ -18,28 +18,11 @@ from typer.testing import CliRunner
 
 from spatia.cli import app
 from spatia.io import CellPolygons, XeniumSlide, read_xenium
-from helpers import copy_bundle
+from helpers import copy_bundle, write_10x_h5
 
 @pytest.fixture(scope="module")
 def slide(real_bundle) -> XeniumSlide:
     return read_xenium(real_bundle)
-
-
-def write_10x_h5(path: Path, counts: sp.spmatrix, barcodes, ids, names, types) -> None:
-    """A 10x HDF5 feature matrix: CSC of features x cells (= CSR of cells x features)."""
-    csr = sp.csr_matrix(counts)
-    with h5py.File(path, "w") as h5:
-        group = h5.create_group("matrix")
-        group["barcodes"] = np.asarray(barcodes, dtype="S")
-        group["data"] = csr.data.astype(np.int32)
-        group["indices"] = csr.indices.astype(np.int64)
-        group["indptr"] = csr.indptr.astype(np.int64)
-        group["shape"] = np.array([csr.shape[1], csr.shape[0]], dtype=np.int32)
-        features = group.create_group("features")
-        features["id"] = np.asarray(ids, dtype="S")
-        features["name"] = np.asarray(names, dtype="S")
-        features["feature_type"] = np.asarray(types, dtype="S")
-        features["genome"] = np.asarray(["GRCh38"] * len(ids), dtype="S")
 
 
 @pytest.mark.real_data
@@ -237,7 +220,7 @@ def test_he_image_read_through_the_slide(real_bundle, tmp_path):
 
 @pytest.mark.parametrize(("layout", "z_planes"), [("v1", 0), ("v2", 3)])
 def test_simulated_bundle(tmp_path, layout, z_planes):
-    simulate = pytest.importorskip("spatia.io.simulate")
+    simulate = pytest.importorskip("spatia.sim")
     config = simulate.SimulationConfig(n_cells=300, n_genes=140, layout=layout, z_planes=z_planes)
     result = simulate.simulate_bundle(tmp_path / "sim", config, seed=3)
     slide = read_xenium(result.path)
@@ -274,10 +257,10 @@ def test_read_polygons_rules_on_a_hand_made_file(tmp_path, suffix, batch_rows, m
     """Rows out of cell order, a cell with two label_ids, a closing vertex, an unknown cell and a
     polygon with a NaN vertex: each rule of `read_polygons` against the answer written by hand,
     read whole or in batches of 3 rows or 1 row (a polygon's rows cut across batches)."""
-    from spatia.io import tables
-    from spatia.io.tables import read_polygons
+    from spatia.io import polygons
+    from spatia.io.polygons import read_polygons
 
-    monkeypatch.setattr(tables, "_VERTEX_BATCH_ROWS", batch_rows)
+    monkeypatch.setattr(polygons, "_VERTEX_BATCH_ROWS", batch_rows)
 
     square = [(0, 0), (2, 0), (2, 2), (0, 2)]
     rows = []

@@ -21,7 +21,8 @@ from skimage.draw import polygon as draw_polygon
 from spatia.errors import DatasetError, OutputExistsError
 from spatia.io.xenium import read_xenium
 from spatia.mist import BuildConfig, CellDataset, MultiScaleDataset, build_dataset, decode_record
-from spatia.mist import build as build_module
+from spatia.mist.build import plan as plan_module
+from spatia.mist.build import stores as stores_module
 from spatia.mist.info import dataset_info
 
 CONFIG = BuildConfig.cpu()
@@ -282,7 +283,7 @@ def test_splits_are_spatially_disjoint_with_a_buffer(built):
 
 def test_interrupted_build_is_refused_by_readers_then_resumes_identically(built, simulated_bundle, tmp_path, monkeypatch):
     reference_root, summary = built
-    monkeypatch.setattr(build_module._Stores, "FLUSH_SECONDS", 0.0)  # commit every chunk
+    monkeypatch.setattr(stores_module.BuildStores, "FLUSH_SECONDS", 0.0)  # commit every chunk
     out = tmp_path / "dataset"
 
     def stop_after_three(info):
@@ -304,9 +305,9 @@ def test_build_killed_mid_commit_resumes_identically(built, simulated_bundle, tm
     """A crash after a chunk's cell records are committed but before its niche records (and
     its done-marker) are: the resumed build rewrites it, with no duplicates."""
     reference_root, _ = built
-    monkeypatch.setattr(build_module._Stores, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(stores_module.BuildStores, "FLUSH_SECONDS", 0.0)
     out = tmp_path / "dataset"
-    real_write = build_module.write_records
+    real_write = stores_module.write_records
     calls = {"n": 0}
 
     def failing_write(env, items):
@@ -315,10 +316,10 @@ def test_build_killed_mid_commit_resumes_identically(built, simulated_bundle, tm
             raise OSError("disk vanished")
         return real_write(env, items)
 
-    monkeypatch.setattr(build_module, "write_records", failing_write)
+    monkeypatch.setattr(stores_module, "write_records", failing_write)
     with pytest.raises(OSError, match="disk vanished"):
         build_dataset([simulated_bundle], out, CONFIG, seed=0)
-    monkeypatch.setattr(build_module, "write_records", real_write)
+    monkeypatch.setattr(stores_module, "write_records", real_write)
     with lmdb.open(str(out / "cell.lmdb"), readonly=True, lock=False) as env:
         assert env.stat()["entries"] > 0
     resumed = build_dataset([simulated_bundle], out, CONFIG, seed=0)
@@ -333,8 +334,8 @@ def test_hard_killed_build_resumes_identically(built, simulated_bundle, tmp_path
     script = (
         "import os, sys\n"
         "from spatia.mist import build_dataset\n"
-        "from spatia.mist import build as b\n"
-        "b._Stores.FLUSH_SECONDS = 0.0\n"
+        "from spatia.mist.build.stores import BuildStores\n"
+        "BuildStores.FLUSH_SECONDS = 0.0\n"
         "def die(info):\n"
         "    if info.chunks_done == 2:\n"
         "        os._exit(137)\n"
@@ -346,6 +347,7 @@ def test_hard_killed_build_resumes_identically(built, simulated_bundle, tmp_path
     resumed = build_dataset([simulated_bundle], out, CONFIG, seed=0)
     assert resumed.chunks_resumed == 2
     assert_same(snapshot(out), snapshot(reference_root))
+    assert store_bytes(out) == store_bytes(reference_root)
 
 
 def test_worker_processes_write_the_same_dataset(built, simulated_bundle, tmp_path):
@@ -353,20 +355,21 @@ def test_worker_processes_write_the_same_dataset(built, simulated_bundle, tmp_pa
     out = tmp_path / "dataset"
     build_dataset([simulated_bundle], out, CONFIG, seed=0, workers=2)
     assert_same(snapshot(out), snapshot(reference_root))
+    assert store_bytes(out) == store_bytes(reference_root)  # committed in another order: same bytes
 
 
 def test_streamed_in_small_batches_or_given_in_memory_the_same_dataset(built, simulated_bundle, slide, tmp_path, monkeypatch):
     """The builder streams counts, polygons and ground truth from the bundle's files in
     batches: batch boundaries anywhere (inside a polygon's rows, a block of cells) change
     nothing, and a slide handed over in memory gives the same records and index."""
-    from spatia.io import tables
+    from spatia.io import polygons
     from spatia.mist import staging
 
     reference = snapshot(built[0])
-    monkeypatch.setattr(tables, "_VERTEX_BATCH_ROWS", 997)  # prime: runs of a polygon's rows are cut
+    monkeypatch.setattr(polygons, "_VERTEX_BATCH_ROWS", 997)  # prime: runs of a polygon's rows are cut
     monkeypatch.setattr(staging, "COUNT_BLOCK_NONZERO", 1_000)
     monkeypatch.setattr(staging, "TRUTH_BATCH_ROWS", 333)
-    monkeypatch.setattr(build_module, "_PLAN_BLOCK_CELLS", 250)
+    monkeypatch.setattr(plan_module, "_PLAN_BLOCK_CELLS", 250)
     out = tmp_path / "small_batches"
     build_dataset([simulated_bundle], out, CONFIG, seed=0)
     assert_same(snapshot(out), reference)
@@ -401,7 +404,7 @@ def test_refusals(built, simulated_bundle, tmp_path, monkeypatch):
         build_dataset([simulated_bundle], busy, CONFIG, seed=0)
     assert (busy / "notes.txt").read_text() == "mine"
     # an interrupted build resumed with another seed or config is refused
-    monkeypatch.setattr(build_module._Stores, "FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(stores_module.BuildStores, "FLUSH_SECONDS", 0.0)
     out = tmp_path / "interrupted"
 
     def stop(info):
@@ -414,3 +417,63 @@ def test_refusals(built, simulated_bundle, tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="differs in: config"):
         build_dataset([simulated_bundle], out, BuildConfig.cpu(cell_image_px=32), seed=0)
     assert os.path.isdir(out / ".build")
+
+
+def store_bytes(root: Path) -> dict[str, bytes]:
+    return {level: (root / f"{level}.lmdb" / "data.mdb").read_bytes() for level in ("cell", "niche", "tissue")}
+
+
+def test_same_inputs_give_byte_identical_stores(built, simulated_bundle, tmp_path, monkeypatch):
+    """Committed in other groups (every chunk on its own), the stores hold the same bytes, so a
+    checksum tells two builds apart; no writer lock file is left beside them."""
+    reference_root, _ = built
+    monkeypatch.setattr(stores_module.BuildStores, "FLUSH_SECONDS", 0.0)
+    out = build_dataset([simulated_bundle], tmp_path / "dataset", CONFIG, seed=0).path
+    assert store_bytes(out) == store_bytes(reference_root)
+    assert not any((out / f"{level}.lmdb" / "lock.mdb").exists() for level in ("cell", "niche", "tissue"))
+
+
+def _run_and_die(bundle: Path, out: Path, patch: str) -> subprocess.CompletedProcess:
+    script = (
+        "import os, sys\n"
+        "from spatia.mist import build_dataset\n"
+        "from spatia.mist.build import run\n"
+        f"{patch}\n"
+        "build_dataset([sys.argv[1]], sys.argv[2], seed=0)\n"
+    )
+    return subprocess.run([sys.executable, "-c", script, str(bundle), str(out)], capture_output=True, timeout=180)
+
+
+def test_killed_right_after_the_manifest_leaves_no_build_directory(built, simulated_bundle, tmp_path):
+    out = tmp_path / "dataset"
+    patch = (
+        "publish = run._publish_manifest\n"
+        "def die(out_dir):\n"
+        "    publish(out_dir)\n"
+        "    os._exit(137)\n"
+        "run._publish_manifest = die"
+    )
+    result = _run_and_die(simulated_bundle, out, patch)
+    assert result.returncode == 137, result.stderr.decode()[-2000:]
+    assert (out / "manifest.json").exists() and not (out / ".build").exists()
+    assert_same(snapshot(out), snapshot(built[0]))
+
+
+def test_killed_before_the_manifest_is_published_the_rerun_completes_it(built, simulated_bundle, tmp_path):
+    out = tmp_path / "dataset"
+    patch = (
+        "write = run.write_json\n"
+        "def die(path, *args, **kwargs):\n"
+        "    write(path, *args, **kwargs)\n"
+        "    if str(path).endswith('manifest.json.pending'):\n"
+        "        os._exit(137)\n"
+        "run.write_json = die"
+    )
+    result = _run_and_die(simulated_bundle, out, patch)
+    assert result.returncode == 137, result.stderr.decode()[-2000:]
+    assert (out / "manifest.json.pending").exists() and not (out / "manifest.json").exists()
+    summary = build_dataset([simulated_bundle], out, CONFIG, seed=0)
+    assert summary.n_cells == built[1].n_cells
+    assert not (out / ".build").exists() and not (out / "manifest.json.pending").exists()
+    assert_same(snapshot(out), snapshot(built[0]))
+    assert store_bytes(out) == store_bytes(built[0])

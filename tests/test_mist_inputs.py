@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import shapely
 
 from spatia.errors import InputDataError
-from spatia.io.tables import CellPolygons
+from spatia.io.polygons import CellPolygons
 from spatia.io.xenium import read_xenium
 from spatia.mist import BuildConfig, build_dataset
 from helpers import decoded_records

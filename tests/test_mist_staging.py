@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from spatia.io.tables import CellPolygons, open_feature_matrix, read_feature_matrix
+from spatia.io.matrix import open_feature_matrix, read_feature_matrix
+from spatia.io.polygons import CellPolygons
 from spatia.mist.staging import stage_ground_truth, stage_slide
 
 

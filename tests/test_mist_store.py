@@ -7,20 +7,14 @@ import json
 import numpy as np
 import pytest
 
+from spatia.config import config_to_dict, load_config
 from spatia.errors import ConfigError, DatasetError
 from spatia.mist import BuildConfig
-from spatia.mist.splits import (
-    BUFFER,
-    NO_BLOCK,
-    TEST,
-    TRAIN,
-    VAL,
-    assign_units,
-    block_split_grid,
-    buffer_cells,
-    split_sizes,
-)
+from spatia.keys import SPLIT_CODES
+from spatia.mist.splits import NO_BLOCK, assign_units, block_split_grid, buffer_cells, split_sizes
 from spatia.mist.store import decode_record, encode_record, encode_records, read_manifest
+
+TRAIN, VAL, TEST, BUFFER = (SPLIT_CODES[name] for name in ("train", "val", "test", "buffer"))
 
 
 @pytest.mark.parametrize("codec", ["lz4", "none"])
@@ -97,7 +91,9 @@ def test_build_config_presets_and_validation():
     assert (paper.cell_image_px, paper.niche_image_px, paper.tissue_image_px) == (224, 224, 224)
     assert cpu.tissue_px == 1024
     assert BuildConfig.from_preset("paper", cell_image_px=256, tissue_image_px=None).cell_image_px == 256
-    assert BuildConfig.from_dict(paper.to_dict()) == paper
+    assert load_config(BuildConfig, config_to_dict(paper)) == paper  # read back from a manifest
+    with pytest.raises(ConfigError, match="unknown key 'cell_px'"):
+        load_config(BuildConfig, {"cell_px": 32})
     with pytest.raises(ConfigError, match="preset"):
         BuildConfig.from_preset("gpu")
     with pytest.raises(ConfigError, match="split_fractions"):

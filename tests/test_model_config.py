@@ -98,7 +98,7 @@ def test_extends_overrides_only_given_keys(tmp_path):
 def test_wrong_type_and_impossible_sizes(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("image:\n  layers: two\n")
-    with pytest.raises(ConfigError, match="'image.layers' must be int"):
+    with pytest.raises(ConfigError, match="'image.layers' must be an int"):
         load_config(path)
     path.write_text("image:\n  patch_size: 10\n")
     with pytest.raises(ConfigError, match="image.cell_size_px"):

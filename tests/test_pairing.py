@@ -10,6 +10,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+
+from spatia.config import load_config
 import scipy.sparse as sp
 from typer.testing import CliRunner
 
@@ -270,9 +272,9 @@ def test_bad_config_raises_config_error():
             PairingConfig(**bad)
     with pytest.raises(ConfigError, match="same_niche needs a niche column"):
         PairingConfig(same_niche=True)
-    assert PairingConfig.from_dict({"epsilon": 0.1}).epsilon == 0.1
-    with pytest.raises(ConfigError, match="unknown pairing settings"):
-        PairingConfig.from_dict({"epsilom": 0.1})
+    assert load_config(PairingConfig, {"epsilon": 0.1}).epsilon == 0.1
+    with pytest.raises(ConfigError, match="unknown key 'epsilom'"):
+        load_config(PairingConfig, {"epsilom": 0.1})
 
 
 def test_bad_transitions_files(tmp_path):
@@ -325,7 +327,7 @@ def test_write_pairing_round_trip(result, tmp_path):
     assert len(table) == 2 * len(GENES)
     assert table.groupby("transition_tag")["delta_g"].idxmax().map(table["gene"]).isin(["G01", "G02", "G03", "G11", "G12"]).all()
     saved = json.loads((out / "pairing_config.json").read_text())
-    assert PairingConfig.from_dict(saved["config"]) == result.config
+    assert load_config(PairingConfig, saved["config"]) == result.config
     assert [t["name"] for t in saved["transitions"]] == ["to_B", "to_T2"]
     diagnostics = json.loads((out / "diagnostics.json").read_text())
     assert diagnostics["n_pairs"] == len(result.pairs) and len(diagnostics["problems"]) == 4
@@ -368,7 +370,8 @@ def test_cli_pair(synthetic, tmp_path):
     assert pairs["noise_swapped"].any() and set(pairs["slide_id"]) == {"s1", "s2"}
     record = json.loads((out / "spatia_run.json").read_text())
     assert record["command"] == "pair" and record["seed"] == 3
-    assert record["config"]["pairing"]["niche_key"] == "niche" and record["config"]["pairing"]["pair_noise"] == 0.1
+    assert record["config"]["niche_key"] == "niche" and record["config"]["pair_noise"] == 0.1
+    assert record["inputs"]["cells"].endswith(".h5ad") and record["inputs"]["transitions"]
     # the command line overrides the file's column names: a wrong one is a clear error, exit 2
     bad = runner.invoke(app, ["pair", str(cells), "-t", str(transitions), "-o", str(tmp_path / "bad"),
                               "--state-key", "nope"])

@@ -125,6 +125,7 @@ def test_matrix_vector_row_update_equals_log_sum_exp(monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(module, "_row_update_from_columns", counted)
+    monkeypatch.setattr(module, "KERNEL_CACHE", False)  # the cached-kernel sweep has its own test
     fast = sinkhorn_log(cost, 0.05, tol=1e-11, omega=1.0)
     assert calls["n"] > 0.8 * fast.n_iter * cost.n_blocks
     monkeypatch.setattr(module, "FAST_SPREAD", -1.0)
@@ -132,6 +133,66 @@ def test_matrix_vector_row_update_equals_log_sum_exp(monkeypatch):
     assert fast.n_iter == slow.n_iter
     np.testing.assert_allclose(fast.f, slow.f, rtol=0, atol=1e-12)
     np.testing.assert_allclose(fast.g, slow.g, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel_spread", [20.0, 0.5])
+def test_cached_kernel_sweep_equals_log_domain_iterates(monkeypatch, kernel_spread):
+    """Once settled, cached blocks hold the stabilised kernel and an iteration is two mat-vec
+    products; switching that off (every pass a log-sum-exp over the cost) gives the same
+    iterates, also when a small KERNEL_SPREAD forces re-absorption over and over, and with a
+    partial cache (kernel blocks and recomputed cost blocks in one pass)."""
+    module = importlib.import_module("spatia.perturb.sinkhorn")
+    monkeypatch.setattr(module, "KERNEL_SPREAD", kernel_spread)
+    x, y, px, py = _clouds(140, 110, seed=11)
+    block_mb = 140 * 20 * 8 / 2**20  # 20 target columns per block in float64
+    cost = BlockCost(x, y, x_pos=px, y_pos=py, spatial_weight=0.3, dtype=torch.float64,
+                     memory_mb=block_mb * 7, block_mb=block_mb)
+    assert 0 < cost.n_cached_blocks < cost.n_blocks
+    before = cost.dense()
+    with_kernels = sinkhorn_log(cost, 0.05, tol=1e-11, omega="auto")
+    assert with_kernels.absorptions >= (3 if kernel_spread < 1 else 1)
+    assert any(held is not None for held in cost._kernel)  # the solve ended on cached kernels
+    np.testing.assert_array_equal(cost.dense(), before)  # blocks() serves the cost again
+    monkeypatch.setattr(module, "KERNEL_CACHE", False)
+    plain = sinkhorn_log(cost, 0.05, tol=1e-11, omega="auto")
+    assert plain.absorptions == 0 and plain.n_iter == with_kernels.n_iter
+    np.testing.assert_allclose(with_kernels.f, plain.f, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(with_kernels.g, plain.g, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(_plan(cost, with_kernels), _pot_plan(before, 0.05), rtol=1e-5, atol=1e-12)
+
+
+def test_float32_cached_kernels_match_pot():
+    """The float32 kernel sweep on a multi-block, fully cached problem: plan within 1e-3 of POT's."""
+    x, y, px, py = _clouds(200, 180, seed=12)
+    cost = BlockCost(x, y, x_pos=px, y_pos=py, spatial_weight=0.2, block_mb=200 * 30 * 4 / 2**20)
+    assert cost.fully_cached and cost.n_blocks == 6
+    result = sinkhorn_log(cost, 0.05, tol=1e-5)
+    assert result.converged and result.absorptions >= 1
+    plan = _plan(cost, result)
+    reference = _pot_plan(BlockCost(x, y, x_pos=px, y_pos=py, spatial_weight=0.2, dtype=torch.float64).dense(), 0.05)
+    assert np.abs(plan - reference).max() <= 1e-3 * reference.max()
+    assert np.array_equal(summarize_plan(cost, result).target, reference.argmax(1))
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"),
+                                    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                  reason="no CUDA device"))])
+def test_device_argument(device):
+    """The same solve on an explicit device gives the default (CPU) answer."""
+    x, y, px, py = _clouds(120, 100, seed=13)
+    kwargs = {"x_pos": px, "y_pos": py, "spatial_weight": 0.2, "dtype": torch.float64, "block_mb": 0.05}
+    reference_cost = BlockCost(x, y, **kwargs)
+    reference = sinkhorn_log(reference_cost, 0.05, tol=1e-10)
+    cost = BlockCost(x, y, device=device, **kwargs)
+    assert cost.device == torch.device(device) and cost.work.device.type == torch.device(device).type
+    result = sinkhorn_log(cost, 0.05, tol=1e-10)
+    assert result.converged and result.n_iter == reference.n_iter
+    np.testing.assert_allclose(result.f, reference.f, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(result.g, reference.g, rtol=0, atol=1e-10)
+    summary, expected = summarize_plan(cost, result), summarize_plan(reference_cost, reference)
+    assert np.array_equal(summary.target, expected.target)
+    np.testing.assert_allclose(plan_values(cost, result, np.array([0, 5]), np.array([7, 99])),
+                               plan_values(reference_cost, reference, np.array([0, 5]), np.array([7, 99])), rtol=1e-9)
 
 
 def test_summary_against_dense_plan():

@@ -106,3 +106,57 @@ def test_embedding_dataset_items(simulated_mist):
     # the niche of each cell is the cell's own niche
     niche_ids = np.asarray(item["niche_id"])[item["cell_niche_index"].numpy()]
     assert list(niche_ids) == ds.cell_index["niche_id"].iloc[plans[0].cell_rows].astype(str).tolist()
+
+
+def test_token_cap_and_pixel_statistics_come_from_the_train_cells(simulated_mist, simulated_checkpoint):
+    """`gene.max_tokens: null` and `image.pixel_mean/std: null` are measured on the train cells
+    (every one of them here: fewer than the sample size) and written into the run's config."""
+    from spatia.mist import CellDataset
+    from spatia.model import load_config
+    from spatia.train import load_model
+    from spatia.train.data import TOKEN_CAP_PERCENTILE, dataset_statistics, resolve_data_config
+
+    cells = CellDataset(simulated_mist, split="train")
+    items = [cells[i] for i in range(len(cells))]
+    nonzero = np.array([int(((it["cell_counts"] > 0) & it["cell_gene_measured"]).sum()) for it in items])
+    pixels = torch.cat([it["cell_image"].flatten() for it in items]).double()
+    stats = dataset_statistics(simulated_mist, n_cells=len(cells))
+    assert stats.n_cells == len(cells)
+    assert stats.token_cap == int(np.ceil(np.percentile(nonzero, TOKEN_CAP_PERCENTILE)))
+    assert (nonzero <= stats.token_cap).mean() >= 0.99 and stats.token_cap < nonzero.max() + 1
+    assert stats.pixel_mean == pytest.approx(float(pixels.mean()), rel=1e-6)
+    assert stats.pixel_std == pytest.approx(float(pixels.std(unbiased=False)), rel=1e-5)
+
+    tiny = load_config("tiny")
+    assert tiny.gene.max_tokens is None and tiny.image.pixel_mean is None
+    resolved = resolve_data_config(tiny, simulated_mist)
+    assert resolved.gene.max_tokens == dataset_statistics(simulated_mist).token_cap
+    assert resolved.image.pixel_std > 0
+    assert resolve_data_config(resolved, simulated_mist) is resolved  # nothing left to measure
+    model, _ = load_model(simulated_checkpoint)  # pretrain wrote the measured values
+    assert model.config.gene.max_tokens == resolved.gene.max_tokens
+    assert model.config.image.pixel_mean == resolved.image.pixel_mean
+
+
+def test_statistics_refuse_a_dataset_without_train_cells(tmp_path, simulated_mist):
+    from spatia.train.data import dataset_statistics
+
+    with pytest.raises(ConfigError, match="no train cells"):
+        dataset_statistics(_copy_without_train(simulated_mist, tmp_path))
+
+
+def _copy_without_train(root, tmp_path):
+    """A copy of a MIST dataset whose cell index has no train cells."""
+    import shutil
+
+    import pandas as pd
+
+    from spatia.keys import TEST, TRAIN
+
+    copy = tmp_path / "mist"
+    shutil.copytree(root, copy)
+    index_path = copy / "cell_index.parquet"
+    index = pd.read_parquet(index_path)
+    index["split"] = index["split"].replace(TRAIN, TEST)
+    index.to_parquet(index_path)
+    return copy

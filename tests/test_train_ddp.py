@@ -8,7 +8,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import pytest
 
 from spatia.train import embed_dataset, pretrain, read_checkpoint
 

@@ -1,20 +1,20 @@
-"""Learning, not plumbing: a short CPU pretraining on a simulated section makes the embeddings
-carry more of the ground truth than the same network untrained.
+"""Learning, not plumbing: a short CPU pretraining on a simulated section gives embeddings that
+hold their own against PCA of the expression on cell type and beat it on tissue domain, and a
+gene decoder that imputes better than the same network untrained.
 
 The simulated bundle (3,000 cells, conftest `simulated_bundle`) has known cell types and tissue
 domains (`ground_truth.parquet`, carried into the dataset index as `truth_*`). We pretrain the
-tiny config jointly (all levels) for a bounded number of steps, embed every cell, and compare:
+tiny config jointly (all levels) with its default recipe for `STEPS` steps, embed every cell and
+score a logistic regression trained on the dataset's train cells and tested on its (spatially
+disjoint) test cells, macro-F1. Measured (seed 0): cell type `X_spatia` 0.917 vs PCA-50 0.961;
+domain `X_spatia` 0.663 vs `X_spatia_cell` 0.551 vs PCA-50 0.575; imputation Pearson 0.461
+trained vs 0.068 untrained. Asserted:
 
-- cell type from `X_spatia` with a cross-validated kNN classifier, trained vs untrained (same
-  initialisation: the untrained model is the run's step-0 weights);
-- tissue domain from KMeans on `X_spatia_niche` (ARI), against the ARI of shuffled domain labels;
+- cell type from `X_spatia` within 0.06 of PCA-50 of the log-normalised counts;
+- tissue domain from `X_spatia` above PCA-50 and above the cell level alone by 0.05 (the niche
+  and tissue levels add the context that one cell's expression lacks);
 - gene imputation through the gene decoder (`GeneDecoderImputer`, 10 % of the genes of 300 test
   cells held out): Pearson of log1p counts on held-out entries, trained vs untrained.
-
-The learning rate is 1e-4 instead of the paper's 1e-3: trained from scratch on a few thousand
-cells, the tiny model at 1e-3 first loses the (already informative) random-feature structure of
-its initialisation before it learns; at 1e-4 the kNN accuracy rises steadily (see
-docs/training.md).
 """
 
 from __future__ import annotations
@@ -23,31 +23,26 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.preprocessing import StandardScaler
 
 from spatia.evaluate.tasks import hold_out_mask
+from spatia.expression import expression_pca, log_normalise
+from spatia.keys import X_SPATIA, X_SPATIA_CELL
 from spatia.mist import BuildConfig, build_dataset
-from spatia.model import load_config
-from spatia.train import SpatiaPretrainModule, embed_dataset, embed_model, load_model, pretrain
+from spatia.train import SpatiaPretrainModule, embed_dataset, load_model, pretrain
 from spatia.train.impute import GeneDecoderImputer
 
-STEPS = 200
+STEPS = 300
 SEED = 0
 
 
-def _knn_accuracy(x: np.ndarray, y: np.ndarray, k: int = 5) -> float:
-    """5-fold cross-validated accuracy of a k-nearest-neighbour classifier (sklearn's k = 5)."""
-    folds = StratifiedKFold(5, shuffle=True, random_state=0)
-    return float(cross_val_score(KNeighborsClassifier(k), x, y, cv=folds).mean())
-
-
-def _domain_ari(x: np.ndarray, domains: np.ndarray) -> tuple[float, float]:
-    labels = KMeans(len(set(domains)), n_init=4, random_state=0).fit_predict(x)
-    shuffled = np.random.default_rng(0).permutation(domains)
-    return adjusted_rand_score(domains, labels), adjusted_rand_score(shuffled, labels)
+def _macro_f1(x: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
+    """Logistic regression on standardised features: fit on `train` rows, macro-F1 on `test` rows."""
+    scaler = StandardScaler().fit(x[train])
+    model = LogisticRegression(max_iter=500).fit(scaler.transform(x[train]), labels[train])
+    return float(f1_score(labels[test], model.predict(scaler.transform(x[test])), average="macro"))
 
 
 def _imputation_pearson(model, levels, dataset, adata) -> float:
@@ -62,38 +57,34 @@ def _imputation_pearson(model, levels, dataset, adata) -> float:
 
 
 @pytest.mark.slow
-def test_pretraining_improves_cell_type_and_domain_recovery(simulated_bundle, tmp_path):
+def test_pretraining_nears_pca_on_cell_type_and_beats_it_on_domain(simulated_bundle, tmp_path):
     dataset = tmp_path / "mist"
     build_dataset([simulated_bundle], dataset, BuildConfig.cpu(), seed=0)
-    overrides = dict(max_steps=STEPS, lr=1e-4, warmup_steps=20, lr_schedule="constant", cells_per_tissue=32,
-                     val_batches=0, checkpoint_every_n_steps=STEPS, log_every_n_steps=20)
+    overrides = dict(max_steps=STEPS, val_batches=0, checkpoint_every_n_steps=STEPS, log_every_n_steps=20)
     run = pretrain(dataset, tmp_path / "run", config="tiny", stage="joint", train_overrides=overrides, seed=SEED,
                    threads=1, progress_bar=False)
     assert run.global_step == STEPS
-    trained = embed_dataset(dataset, run.last_checkpoint, threads=1, progress_bar=False).adata
+    cells = embed_dataset(dataset, run.last_checkpoint, threads=1, progress_bar=False).adata
 
-    torch.manual_seed(SEED)  # the initialisation `pretrain` starts from
-    untrained_model = SpatiaPretrainModule(load_config("tiny"), trained.var_names.tolist(), seed=SEED).model
-    untrained = embed_model(dataset, untrained_model, threads=1, progress_bar=False).adata
-    assert (untrained.obs_names == trained.obs_names).all()
+    split = cells.obs["split"].to_numpy()
+    train, test = split == "train", split == "test"
+    pca = expression_pca(log_normalise(cells.X), 50, seed=0)
+    scores = {}
+    for target in ("truth_cell_type", "truth_domain"):
+        labels = cells.obs[target].astype(str).to_numpy()
+        scores[target] = tuple(_macro_f1(x, labels, train, test)
+                               for x in (cells.obsm[X_SPATIA], cells.obsm[X_SPATIA_CELL], pca))
+    print(f"macro-F1 (X_spatia, X_spatia_cell, PCA-50): {scores}")
+    spatia_type, _, pca_type = scores["truth_cell_type"]
+    spatia_domain, cell_domain, pca_domain = scores["truth_domain"]
+    assert spatia_type >= pca_type - 0.06, scores
+    assert spatia_domain > pca_domain, scores
+    assert spatia_domain >= cell_domain + 0.05, scores
 
-    cell_type = trained.obs["truth_cell_type"].to_numpy()
-    acc_trained = _knn_accuracy(trained.obsm["X_spatia"], cell_type)
-    acc_untrained = _knn_accuracy(untrained.obsm["X_spatia"], cell_type)
-    chance = max(np.unique(cell_type, return_counts=True)[1]) / len(cell_type)
-    assert acc_trained > acc_untrained + 0.02, (acc_trained, acc_untrained)
-    assert acc_trained > 2 * chance, (acc_trained, chance)
-
-    domain = trained.obs["truth_domain"].to_numpy()
-    ari, ari_shuffled = _domain_ari(trained.obsm["X_spatia_niche"], domain)
-    ari_untrained, _ = _domain_ari(untrained.obsm["X_spatia_niche"], domain)
-    assert ari > 0.15 and ari > ari_shuffled + 0.15, (ari, ari_shuffled, ari_untrained)
     trained_model, info = load_model(run.last_checkpoint)
-    r_trained = _imputation_pearson(trained_model, info.levels, dataset, trained)
-    r_untrained = _imputation_pearson(untrained_model, info.levels, dataset, trained)
-    assert r_trained > r_untrained + 0.1 and r_trained > 0.2, (r_trained, r_untrained)
+    torch.manual_seed(SEED)  # the initialisation `pretrain` starts from, with the run's resolved config
+    untrained_model = SpatiaPretrainModule(trained_model.config, cells.var_names.tolist(), seed=SEED).model
+    r_trained = _imputation_pearson(trained_model, info.levels, dataset, cells)
+    r_untrained = _imputation_pearson(untrained_model, info.levels, dataset, cells)
     print(f"imputation Pearson: trained {r_trained:.3f}, untrained {r_untrained:.3f}")
-    print(f"k=15: trained {_knn_accuracy(trained.obsm['X_spatia'], cell_type, 15):.3f}, "
-          f"untrained {_knn_accuracy(untrained.obsm['X_spatia'], cell_type, 15):.3f}")
-    print(f"kNN cell type: trained {acc_trained:.3f}, untrained {acc_untrained:.3f} (majority class {chance:.3f}); "
-          f"niche-domain ARI: trained {ari:.3f}, untrained {ari_untrained:.3f}, shuffled {ari_shuffled:.3f}")
+    assert r_trained > r_untrained + 0.1 and r_trained > 0.2, (r_trained, r_untrained)

@@ -11,7 +11,7 @@ import torch
 from spatia.errors import ConfigError
 from spatia.model import BatchSizes, load_config, synthetic_batch, synthetic_gene_symbols
 from spatia.model.config import config_from_dict
-from spatia.train import STAGES, SpatiaPretrainModule, check_train_config, lr_factor
+from spatia.train import STAGES, SpatiaPretrainModule, check_train_config, lr_scheduler
 from spatia.train.module import step_seed
 
 
@@ -57,17 +57,29 @@ def test_unknown_stage_is_a_config_error():
         SpatiaPretrainModule(load_config("tiny"), synthetic_gene_symbols(10), stage="slide")
 
 
+def _lr_curve(schedule: str, steps: int = 101, **kw) -> list[float]:
+    """Learning rate at each optimiser step 0..steps-1 (base rate 1), stepping as Lightning does."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_scheduler(optimizer, schedule=schedule, **kw)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
 def test_lr_schedule():
     kw = dict(max_steps=100, warmup_steps=10, min_ratio=0.1)
-    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.1)
-    assert lr_factor(9, schedule="cosine", **kw) == pytest.approx(1.0)
-    assert lr_factor(10, schedule="cosine", **kw) == pytest.approx(1.0)
-    assert lr_factor(55, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.1)
-    assert lr_factor(500, schedule="cosine", **kw) == pytest.approx(0.1)
-    assert lr_factor(50, schedule="constant", **kw) == 1.0
-    values = [lr_factor(s, schedule="cosine", **kw) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay after warm-up
+    cosine = _lr_curve("cosine", **kw)
+    assert cosine[0] == pytest.approx(0.1)                    # warm-up from 1/warmup_steps
+    assert cosine[9] == pytest.approx(0.91) and cosine[10] == pytest.approx(1.0)
+    assert cosine[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cosine[100] == pytest.approx(0.1)                  # min_lr_ratio at max_steps
+    assert all(a >= b - 1e-12 for a, b in zip(cosine[10:], cosine[11:]))  # monotone decay after warm-up
+    constant = _lr_curve("constant", **kw)
+    assert constant[50] == constant[100] == 1.0 and constant[0] == pytest.approx(0.1)
+    assert _lr_curve("cosine", steps=3, max_steps=100, warmup_steps=0, min_ratio=0.1)[0] == 1.0
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -118,7 +130,8 @@ def test_loss_falls_on_a_fixed_batch_through_the_trainer(tmp_path):
     assert keys <= set(history[0])
     first = {k: sum(h[k] for h in history[:3]) / 3 for k in keys}
     last = {k: sum(h[k] for h in history[-3:]) / 3 for k in keys}
-    assert last["train/total"] < 0.3 * first["train/total"], (first["train/total"], last["train/total"])
+    # the negative-binomial loss has a floor (the counts' own noise), so the total falls less than MSE did
+    assert last["train/total"] < 0.8 * first["train/total"], (first["train/total"], last["train/total"])
     for level in ("cell", "niche", "tissue"):
         for kind in ("image", "gene"):
             key = f"train/{level}/{kind}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import lightning as L
 import pandas as pd
 import pytest
+
+from spatia.errors import OutputWriteError
 import torch
 import yaml
 
@@ -166,3 +168,71 @@ def test_from_checks_architecture_and_vocabulary(dataset, tmp_path, simulated_bu
 def test_config_image_sizes_must_match_the_dataset(dataset, tmp_path):
     with pytest.raises(ConfigError, match="cell_size_px"):
         _run(dataset, tmp_path / "base", config="base", train_overrides={"max_steps": 1})
+
+
+# -- writing checkpoints ---------------------------------------------------------------------------
+
+
+def test_checkpoints_are_written_beside_their_target_and_never_half(dataset, tmp_path, monkeypatch):
+    """No system temp folder (it may be another filesystem, or full): a run trains and
+    checkpoints with the temp folder unusable. A failed write (disk full) leaves the previous
+    checkpoint whole and no temporary file."""
+    import tempfile
+
+    from spatia.train import checkpoints
+
+    blocked = tmp_path / "no_temp_here"
+    blocked.write_text("a file, not a directory")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocked))  # any use of the temp folder fails
+    result = _run(dataset, tmp_path / "run", train_overrides=dict(FAST, max_steps=2, val_batches=0))
+    path = result.last_checkpoint
+    assert read_checkpoint(path)["global_step"] == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+    monkeypatch.undo()
+
+    def disk_full(obj, handle, *args, **kwargs):
+        handle.write(b"\x00" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
+    with pytest.raises(OutputWriteError, match="no space left on the device"):  # a user-facing error, exit 2
+        checkpoints.AtomicCheckpointIO().save_checkpoint({"global_step": 3}, path)
+    monkeypatch.undo()
+    assert read_checkpoint(path)["global_step"] == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+@pytest.mark.slow
+def test_a_run_killed_right_after_a_checkpoint_loses_no_metric_row(dataset, tmp_path):
+    """Metric rows are written to disk every 4 steps; the run dies (no clean-up, like SIGKILL)
+    right after the checkpoint of step 6 and is resumed from it: it logged the same rows
+    (training and validation) as an uninterrupted run, each once."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    overrides = dict(FAST, log_every_n_steps=4, max_steps=9)
+    script = (
+        "import os, sys\n"
+        "import lightning as L\n"
+        "from spatia.train import pretrain\n"
+        "class Die(L.Callback):\n"
+        "    def on_train_batch_start(self, trainer, *args):\n"
+        "        if trainer.global_step == 6:\n"
+        "            os._exit(137)\n"
+        f"pretrain(sys.argv[1], sys.argv[2], train_overrides={overrides!r}, threads=1, progress_bar=False,\n"
+        "         callbacks=[Die()])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(dataset), str(out)], capture_output=True, timeout=300)
+    assert result.returncode == 137, result.stderr.decode()[-2000:]
+    last = out / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 6
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    _run(dataset, out, resume=last, train_overrides=overrides)
+    full = _run(dataset, tmp_path / "full", train_overrides=overrides).out_dir
+
+    def rows(run_dir):  # (step, train row?, validation row?) of every logged row
+        table = pd.read_csv(run_dir / "logs" / "metrics.csv")
+        return sorted(zip(table["step"], table["train/total"].notna(), table["val/total"].notna()))
+
+    assert rows(out) == rows(full) and any(val for _, _, val in rows(full))

@@ -1,7 +1,7 @@
 """`spatia demo`: the whole pipeline on a simulated Xenium bundle, in one output folder.
 
-Each step calls the same library function as its own command and writes what that command
-writes, so the demo folder shows what every stage produces:
+Each step calls the same stage function (`spatia.stages`) as its own command and writes what
+that command writes, run record included, so the demo folder shows what every stage produces:
 
     bundle/        `spatia simulate`   Xenium-like bundle + ground_truth.parquet/json
     cells.h5ad     `read_xenium(...).to_anndata()` with the ground-truth annotations joined
@@ -11,6 +11,8 @@ writes, so the demo folder shows what every stage produces:
     report/        `spatia evaluate`   annotation, clustering, expression from morphology,
                                        imputation vs baselines (labels: ground-truth cell type)
     pairs/         `spatia pair`       OT control -> target pairs of the designed transitions
+    flow/          `spatia flow train/generate/evaluate` (demo preset): generated target crops
+                                       of the held-out pairs, scored against the identity baseline
 
 A summary of every step (sizes, timings, headline figures) goes to `demo_summary.json`.
 """
@@ -28,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from spatia.console import console
+from spatia import stages
 from spatia.outputs import atomic_output, refuse_existing, write_json, write_run_record
 
 log = logging.getLogger(__name__)
@@ -44,12 +47,13 @@ class DemoConfig:
     build_workers: int = 0
     pretrain_steps: int = 60
     evaluate_seeds: int = 2
+    flow_preset: str = "demo"  # spatia.flow presets: demo (minutes), tiny (seconds, for tests)
 
 
 def annotated_anndata(bundle: Path):
     """Read a simulated bundle as a real one and join its ground-truth annotations into `obs`."""
     from spatia.io import read_xenium
-    from spatia.io.simulate import GROUND_TRUTH_TABLE
+    from spatia.sim import GROUND_TRUTH_TABLE
 
     slide = read_xenium(bundle)
     adata = slide.to_anndata()
@@ -83,9 +87,10 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, seed: in
     run = out_dir / "pretrain"
     step("pretrain", lambda: _pretrain(dataset, run, config, seed))
     checkpoint = run / "checkpoints" / "last.ckpt"
-    step("embed", lambda: _embed(dataset, checkpoint, out_dir))
+    step("embed", lambda: _embed(dataset, checkpoint, out_dir, seed))
     step("evaluate", lambda: _evaluate(out_dir, dataset, checkpoint, config, seed))
     step("pair", lambda: _pair(out_dir / "cells.h5ad", out_dir / "pairs", seed))
+    step("flow", lambda: _flow(dataset, out_dir / "pairs", out_dir / "embeddings.h5ad", out_dir / "flow", config, seed))
 
     write_json(out_dir / "demo_summary.json", summary, overwrite=True)
     console.rule("[bold]done")
@@ -94,10 +99,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, seed: in
 
 
 def _simulate(bundle: Path, config: DemoConfig, seed: int) -> dict[str, Any]:
-    from spatia.io.simulate import SimulationConfig, simulate_bundle
+    from spatia.sim import SimulationConfig
 
-    result = simulate_bundle(bundle, SimulationConfig(n_cells=config.n_cells, n_genes=config.n_genes), seed=seed)
-    return {"cells": result.n_cells, "genes": result.n_genes, "image_px": [result.width_px, result.height_px]}
+    return stages.simulate(bundle, SimulationConfig(n_cells=config.n_cells, n_genes=config.n_genes), seed=seed).summary()
 
 
 def _read(bundle: Path, h5ad_path: Path) -> dict[str, Any]:
@@ -116,82 +120,54 @@ def _read(bundle: Path, h5ad_path: Path) -> dict[str, Any]:
 
 
 def _build(bundle: Path, dataset: Path, config: DemoConfig, seed: int) -> dict[str, Any]:
-    from spatia.mist import BuildConfig, build_dataset
+    from spatia.mist import BuildConfig
 
-    result = build_dataset([bundle], dataset, BuildConfig.cpu(), seed=seed, workers=config.build_workers)
-    return {
-        "cells": result.n_cells,
-        "niches": result.n_niches,
-        "tissues": result.n_tissues,
-        "skipped": result.skipped,
-        "cells_per_second": round(result.cells_per_second, 1),
-    }
+    return stages.build([bundle], dataset, BuildConfig.cpu(), seed=seed, workers=config.build_workers).summary()
 
 
 def _pretrain(dataset: Path, run: Path, config: DemoConfig, seed: int) -> dict[str, Any]:
-    from spatia.train import pretrain
-
-    result = pretrain(
-        dataset, run, config="tiny", stage="joint", seed=seed,
-        # lr 1e-4: the paper's 1e-3 is too high for a few thousand cells from scratch (docs/training.md)
-        train_overrides={"lr": 1e-4, "max_steps": config.pretrain_steps, "val_every_n_steps": config.pretrain_steps,
-                         "checkpoint_every_n_steps": config.pretrain_steps},
-    )
-    return {"steps": result.global_step, "checkpoint": str(result.last_checkpoint),
-            "final_losses": {k: round(float(v), 4) for k, v in result.metrics.items()}}
+    # the tiny config's own learning rate and schedule (docs/model.md); only the length is the demo's
+    steps = config.pretrain_steps
+    run_config = stages.PretrainConfig(model="tiny", stage="joint", model_overrides={
+        "train.max_steps": steps, "train.warmup_steps": max(1, steps // 5), "train.val_every_n_steps": steps,
+        "train.checkpoint_every_n_steps": steps})
+    return stages.pretrain(dataset, run, run_config, seed=seed).summary()
 
 
-def _embed(dataset: Path, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
-    from spatia.train import embed_dataset
-
-    both = embed_dataset(dataset, checkpoint, out_dir / "embeddings.h5ad", modality="both")
-    image = embed_dataset(dataset, checkpoint, out_dir / "embeddings_image.h5ad", modality="image")
-    return {"cells": both.n_cells, "obsm": both.obsm_keys, "cells_per_second": round(both.cells_per_second, 1),
-            "image_only_cells_per_second": round(image.cells_per_second, 1)}
+def _embed(dataset: Path, checkpoint: Path, out_dir: Path, seed: int) -> dict[str, Any]:
+    both = stages.embed(dataset, checkpoint, out_dir / "embeddings.h5ad", seed=seed)
+    image = stages.embed(dataset, checkpoint, out_dir / "embeddings_image.h5ad", stages.EmbedConfig(modality="image"),
+                         seed=seed)
+    return {**both.summary(), "image_only": image.summary()}
 
 
 def _evaluate(out_dir: Path, dataset: Path, checkpoint: Path, config: DemoConfig, seed: int) -> dict[str, Any]:
-    import anndata as ad
+    from spatia.evaluate import EvaluateConfig
 
-    from spatia.evaluate import EvaluateConfig, add_modality_embedding, crops_from_mist, evaluate, write_report
-    from spatia.train.impute import GeneDecoderImputer
-
-    adata = ad.read_h5ad(out_dir / "embeddings.h5ad")
-    add_modality_embedding(adata, ad.read_h5ad(out_dir / "embeddings_image.h5ad"), "X_spatia_image")
-    crops = crops_from_mist(dataset, list(adata.obs_names))
-    imputer = GeneDecoderImputer.from_checkpoint(checkpoint, dataset, adata.var_names)
     eval_config = EvaluateConfig(labels="truth_cell_type", seed=seed, n_seeds=config.evaluate_seeds, layout="pca")
-    results = evaluate(adata, eval_config, crops=crops, imputer=imputer)
-    report = write_report(results, out_dir / "report")
-    inputs = {"cells": str(out_dir / "embeddings.h5ad"), "mist": str(dataset), "checkpoint": str(checkpoint),
-              "image_embeddings": str(out_dir / "embeddings_image.h5ad")}
-    write_run_record(out_dir / "report", "evaluate", {"evaluate": eval_config, "inputs": inputs}, seed)
-    return {"report": str(report), "annotation_macro_f1": _headline(results),
-            "imputation_pearson": _imputation_headline(results)}
-
-
-def _headline(results: dict[str, Any]) -> dict[str, float]:
-    """Mean MLP macro-F1 of the cell annotation per representation (the report has every metric)."""
-    per_representation = results["tasks"]["annotation"].get("results", {})
-    return {name: round(scores["mlp"]["macro_f1"]["mean"], 3)
-            for name, scores in per_representation.items() if "mlp" in scores}
-
-
-def _imputation_headline(results: dict[str, Any]) -> dict[str, float]:
-    """Mean pooled Pearson on held-out genes per imputer (the gene decoder is "model")."""
-    per_imputer = results["tasks"]["imputation"].get("results", {})
-    return {name: round(scores["pearson"]["mean"], 3) for name, scores in per_imputer.items() if scores.get("status") == "ok"}
+    inputs = stages.EvaluateInputs(mist=dataset, checkpoint=checkpoint,
+                                   image_embeddings=out_dir / "embeddings_image.h5ad")
+    return stages.evaluate(out_dir / "embeddings.h5ad", out_dir / "report", eval_config, inputs, seed=seed).summary()
 
 
 def _pair(cells_h5ad: Path, pairs_dir: Path, seed: int) -> dict[str, Any]:
-    import anndata as ad
+    from spatia.perturb import PairingConfig
 
-    from spatia.perturb import PairingConfig, example_transitions_path, load_transitions, pair_cells, write_pairing
+    result = stages.pair(cells_h5ad, pairs_dir, PairingConfig(seed=seed), transitions="simulated", seed=seed)
+    return {"n_pairs": result.figures["n_pairs"],
+            "transitions": {name: {"pairs": row["n_pairs"]} for name, row in result.figures["transitions"].items()}}
 
-    spec = load_transitions(example_transitions_path("simulated"))
-    pairing_config = PairingConfig(seed=seed, **spec.columns)
-    result = pair_cells(ad.read_h5ad(cells_h5ad), spec, pairing_config)
-    write_pairing(result, pairs_dir)
-    write_run_record(pairs_dir, "pair", {"transitions": str(example_transitions_path("simulated")),
-                                         "pairing": pairing_config}, seed)
-    return {name: {"pairs": row["n_pairs"]} for name, row in result.summary().items()}
+
+def _flow(dataset: Path, pairs_dir: Path, embeddings: Path, flow_root: Path, demo: DemoConfig,
+          seed: int) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from spatia.flow import preset
+
+    config = preset(demo.flow_preset)
+    flow_root.mkdir()
+    train = stages.flow_train(dataset, pairs_dir, embeddings, flow_root / "model",
+                              replace(config.train, condition="unified"), seed=seed)
+    generated = stages.flow_generate(flow_root / "model", flow_root / "generated", config.generate, seed=seed)
+    report = stages.flow_evaluate(flow_root / "generated", flow_root / "report", config.evaluate, seed=seed)
+    return {"train": train.summary(), "generate": generated.summary(), "evaluate": report.summary()}

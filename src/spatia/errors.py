@@ -39,6 +39,10 @@ class OutputExistsError(SpatiaError):
     """An output path already exists; spatia never overwrites a user's files."""
 
 
+class OutputWriteError(SpatiaError):
+    """An output cannot be written: no permission, a read-only filesystem, or a full disk."""
+
+
 class ConfigError(SpatiaError):
     """A configuration value or file is invalid."""
 

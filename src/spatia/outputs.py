@@ -7,6 +7,7 @@ and an existing path is never overwritten.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -21,9 +22,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from spatia.errors import OutputExistsError
+from spatia.errors import OutputExistsError, OutputWriteError
+from spatia.keys import RUN_RECORD_NAME
 
-RUN_RECORD_NAME = "spatia_run.json"
 _RECORDED_PACKAGES = ("numpy", "scipy", "pandas", "anndata", "torch", "lightning", "pot", "tifffile")
 
 
@@ -48,18 +49,83 @@ def atomic_output(path: str | Path, *, overwrite: bool = False) -> Iterator[Path
     path = Path(path)
     if not overwrite:
         refuse_existing(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise OutputWriteError(f"cannot write the output (a parent of the path is a file: {blocking})", path=path,
+                               fix="choose an output path inside a directory")
+    with user_output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"atomic_output: nothing was written to {tmp}")
-        if overwrite and path.is_dir() and tmp.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with user_output_errors(path):
+            yield tmp
+            if not tmp.exists():
+                raise RuntimeError(f"atomic_output: nothing was written to {tmp}")
+            if overwrite and path.is_dir() and tmp.is_dir():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+# errno values that mean "this place cannot take the output", not a bug
+_OUTPUT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                  errno.EROFS: "the filesystem is read-only", errno.ENOSPC: "no space left on the device",
+                  errno.EDQUOT: "the disk quota is exceeded", errno.ENOTDIR: "a parent of the path is a file",
+                  errno.ENAMETOOLONG: "the path is too long"}
+
+
+@contextmanager
+def user_output_errors(path: str | Path) -> Iterator[None]:
+    """Turn an OSError that means the output place is unusable into `OutputWriteError`.
+
+    Covers permission, read-only filesystems, full disks and quotas, raised anywhere inside the
+    block (including by libraries writing there), with the output path and the fix.
+    """
+    try:
+        yield
+    except OSError as error:
+        converted = output_write_error(error, path)
+        if converted is None:
+            raise
+        raise converted from None
+
+
+def output_write_error(error: OSError, path: str | Path | None = None) -> OutputWriteError | None:
+    """`OutputWriteError` for an OSError that means the output place is unusable, else None."""
+    reason = _OUTPUT_ERRNOS.get(error.errno)
+    if reason is None:
+        return None
+    return OutputWriteError(f"cannot write the output ({reason}: {error.filename or path})",
+                            path=path if path is not None else error.filename,
+                            fix="free disk space, or choose an output path in a directory you can write to")
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> Path:
+    """`torch.save` to a temporary name in the same directory, fsync, rename over `path`, fsync the
+    directory: a kill or a full disk leaves the previous file whole (checkpoints, flow models)."""
+    import torch
+
+    path = Path(path)
+    with user_output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(obj, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+    return path
 
 
 def _jsonable(value: Any) -> Any:
@@ -71,6 +137,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
         return value.item()
     return value
@@ -90,13 +158,16 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def run_record(command: str, config: Any, seed: int | None) -> dict[str, Any]:
-    """The resolved configuration, seed and versions of one command run."""
+def run_record(command: str, config: Any, seed: int | None, inputs: dict[str, Any] | None = None,
+               results: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The inputs, resolved configuration, seed, headline results and versions of one command run."""
     return {
         "command": command,
         "argv": sys.argv,
+        "inputs": _jsonable(inputs or {}),
         "seed": seed,
         "config": _jsonable(config),
+        "results": _jsonable(results or {}),
         "versions": package_versions(),
         "platform": platform.platform(),
         "written_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -112,7 +183,13 @@ def write_json(path: str | Path, payload: Any, *, overwrite: bool = False) -> Pa
 
 
 def write_run_record(
-    directory: str | Path, command: str, config: Any, seed: int | None, *, name: str = RUN_RECORD_NAME
+    directory: str | Path, command: str, config: Any, seed: int | None, *, inputs: dict[str, Any] | None = None,
+    results: dict[str, Any] | None = None, name: str = RUN_RECORD_NAME,
 ) -> Path:
-    """Write `spatia_run.json` (resolved config, seed, versions) into `directory`."""
-    return write_json(Path(directory) / name, run_record(command, config, seed), overwrite=True)
+    """Write `spatia_run.json` (inputs, resolved config, seed, versions) into `directory`.
+
+    Every stage writes its record through this one function, so every record has the same
+    fields: command, argv, inputs (absolute paths), seed, config, results (headline figures),
+    versions, platform, time.
+    """
+    return write_json(Path(directory) / name, run_record(command, config, seed, inputs, results), overwrite=True)

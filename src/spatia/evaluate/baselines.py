@@ -1,8 +1,8 @@
 """Baseline representations and imputers scored beside SPATIA's embeddings.
 
-- `log_normalise`: counts scaled to the median library size, then log1p (scanpy's
-  ``normalize_total`` + ``log1p``).
-- `pca_embedding`: PCA (50 components) of the log-normalised expression.
+(The log-normalisation and the PCA of expression are `spatia.expression`'s; the count
+autoencoder and scVI baselines are in `spatia.evaluate.autoencoder` and `scvi_latent`.)
+
 - `standardise_features`: z-scored morphology features (NaN -> column median, constant
   columns dropped, clipped to +-10), the morphology baseline.
 - `concatenate_blocks`: the PCA + morphology baseline, each block scaled to unit total
@@ -28,50 +28,9 @@ import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
 from spatia.errors import InputDataError
+from spatia.expression import library_sizes, log_normalise
 
 Imputer = Callable[[sp.csr_matrix, np.ndarray, np.ndarray], np.ndarray]
-
-
-def library_sizes(counts: sp.spmatrix | np.ndarray) -> np.ndarray:
-    """Total counts per cell, float64 (N,)."""
-    return np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-
-
-def log_normalise(counts: sp.spmatrix | np.ndarray, target_sum: float | None = None) -> sp.csr_matrix:
-    """log1p(counts / total * target_sum); target_sum defaults to the median total (> 0).
-
-    Args:
-        counts: raw counts (N, G), sparse or dense.
-        target_sum: library size every cell is scaled to.
-
-    Returns:
-        float32 CSR (N, G). Cells with zero counts stay zero.
-    """
-    x = sp.csr_matrix(counts, dtype=np.float32)
-    totals = library_sizes(x)
-    if target_sum is None:
-        positive = totals[totals > 0]
-        target_sum = float(np.median(positive)) if positive.size else 1.0
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    x = sp.diags(scale.astype(np.float32)) @ x
-    x = sp.csr_matrix(x)
-    x.data = np.log1p(x.data)
-    return x
-
-
-def pca_embedding(log_expr: sp.spmatrix | np.ndarray, n_components: int = 50, seed: int = 0) -> np.ndarray:
-    """PCA of log-normalised expression (genes centred, not scaled), float32 (N, n_components).
-
-    Uses scanpy's PCA, which centres sparse input implicitly; n_components is lowered to
-    min(N, G) - 1 when the data are smaller.
-    """
-    import scanpy as sc
-
-    n_comp = int(min(n_components, min(log_expr.shape) - 1))
-    if n_comp < 1:
-        raise InputDataError(f"cannot compute PCA of an expression matrix of shape {log_expr.shape}",
-                             fix="evaluate at least two cells with at least two genes")
-    return np.asarray(sc.pp.pca(log_expr, n_comps=n_comp, random_state=seed), dtype=np.float32)
 
 
 def standardise_features(features: pd.DataFrame | np.ndarray, clip: float = 10.0) -> np.ndarray:
@@ -207,7 +166,7 @@ class ExpressionKnnImputer:
         self._nn = NearestNeighbors(n_neighbors=min(k, ref.shape[0])).fit(ref_emb)
 
     def __call__(self, counts: sp.csr_matrix, held_out_mask: np.ndarray, obs_names: np.ndarray) -> np.ndarray:
-        log_q = log_normalise(counts, self._target_sum).toarray() - self._mean
+        log_q = sp.csr_matrix(log_normalise(counts, self._target_sum)).toarray() - self._mean
         _, idx = self._nn.kneighbors(self._svd.transform(log_q))
         profiles = _neighbour_mean(self._profiles, idx, self.prior_cells)
         return _predict_from_profiles(profiles, counts, held_out_mask)

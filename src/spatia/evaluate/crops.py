@@ -1,7 +1,8 @@
-"""Per-cell crops for the morphology baseline: from a MIST dataset or a ``.npz`` file.
+"""Crops for the morphology baselines: per cell (from a MIST dataset or a ``.npz`` file) and per niche.
 
 A `CellCrops` holds uint8 images (N, S, S) or (N, C, S, S), bool masks (N, S, S) and the
-cell IDs; `align_crops` reorders them to the rows of the AnnData being evaluated.
+cell IDs; `align_crops` reorders them to the rows of the AnnData being evaluated. A
+`NicheCrops` holds the niche tiles of a MIST dataset for the patch-level task.
 """
 
 from __future__ import annotations
@@ -103,3 +104,38 @@ def align_crops(crops: CellCrops, obs_names: np.ndarray) -> tuple[np.ndarray, np
             fix="build crops for every evaluated cell, or subset the AnnData to the cells with crops",
         )
     return images[rows], masks[rows]
+
+
+@dataclass
+class NicheCrops:
+    """Niche images for the patch-level task: uint8 (M, S, S) and the niche IDs (M,)."""
+
+    images: np.ndarray
+    niche_ids: np.ndarray
+
+
+def niche_crops_from_mist(dataset_dir: str | Path, niche_ids: Sequence[str] | None = None) -> NicheCrops:
+    """Niche tiles of a MIST dataset (its niche level) as uint8 images with their niche IDs.
+
+    Args:
+        dataset_dir: a directory written by `spatia build`.
+        niche_ids: only these niches (IDs absent from the dataset are skipped); None reads all.
+    """
+    from spatia.mist import NicheDataset
+
+    dataset = NicheDataset(dataset_dir)
+    index = dataset.index
+    if niche_ids is None:
+        rows = np.arange(len(index))
+    else:
+        positions = pd.Index(index["niche_id"].astype(str)).get_indexer(np.asarray(niche_ids).astype(str))
+        rows = positions[positions >= 0]
+    images, ids = [], []
+    for i in rows:
+        item = dataset[int(i)]
+        images.append(np.rint(item["niche_image"][0].numpy() * 255.0).astype(np.uint8))
+        ids.append(item["niche_id"])
+    if not images:
+        raise DatasetError("none of the requested niches is in this MIST dataset", path=dataset_dir,
+                           fix="give the dataset the cells were embedded from")
+    return NicheCrops(np.stack(images), np.asarray(ids, dtype=str))

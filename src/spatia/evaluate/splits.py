@@ -20,6 +20,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from spatia.errors import ConfigError, InputDataError
+from spatia.keys import SPLIT_BUFFER_UM
 
 TRAIN, TEST, BUFFER = "train", "test", "buffer"
 SPLIT_VALUES = (TRAIN, TEST, BUFFER)
@@ -50,7 +51,7 @@ def spatial_block_split(
     spatial_um: np.ndarray,
     *,
     block_um: float = 200.0,
-    buffer_um: float = 50.0,
+    buffer_um: float = SPLIT_BUFFER_UM,
     test_fraction: float = 0.3,
     seed: int = 0,
     slide: np.ndarray | None = None,

@@ -2,17 +2,22 @@
 
 The resolved config is written into the dataset's `manifest.json` and `spatia_run.json`; a
 resumed build must use the same config (and the same inputs and seed) as the one it resumes.
+Files and options are merged by `spatia.config.load_config` (unknown keys and wrong types are
+refused there); `BuildConfig.validate` holds the rules between fields, and read back from a
+manifest a config is `load_config(BuildConfig, manifest["builder_config"])`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from spatia.errors import ConfigError
+from spatia.keys import SPLIT_BUFFER_UM
 
 SPLITS = ("train", "val", "test")
 SPLIT_MODES = ("blocks", "slides")
+SEGMENTATIONS = ("polygons", "circles")
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class BuildConfig:
     """Target fractions of blocks (or slides) for train / val / test."""
     split_block_tissues: int = 1
     """Block side in tissue regions for `split_mode="blocks"` (1 -> 1024 px blocks)."""
-    split_buffer_um: float = 20.0
+    split_buffer_um: float = SPLIT_BUFFER_UM
     """Train cells closer than this to a val/test block get split `buffer` (kept in the
     dataset and in their niche sums, but never sampled as training cells)."""
     slide_splits: dict[str, str] = field(default_factory=dict)
@@ -63,6 +68,19 @@ class BuildConfig:
     """Compression of record payloads: `lz4` (masked crops shrink about tenfold) or `none`."""
     lmdb_map_size_gb: float = 1024.0
     """Upper bound of each LMDB store (virtual; the files only grow as needed)."""
+    segmentation: str = "polygons"
+    """`polygons`: the bundle's cell segmentation (cell_boundaries.parquet, else
+    cells.zarr.zip); a bundle without one is refused. `circles`: circles of `circle_radius_um`
+    around every cell centroid instead (for bundles without segmentation; asked for explicitly)."""
+    circle_radius_um: float = 0.0
+    """Radius of the circles of `segmentation="circles"` (required there, e.g. 6)."""
+    accept_cell_loss: bool = False
+    """Build even when a slide keeps no cell, or loses more than half of its cells to one skip
+    reason (otherwise an `InputDataError` names the reason and its usual cause). A build that
+    keeps no cell at all is always refused."""
+    accept_pixel_size_mismatch: bool = False
+    """Build even when experiment.xenium's pixel size and the image's OME pixel size differ by
+    more than 1 % (experiment.xenium's is then used); otherwise an `InputDataError`."""
     preset: str = "cpu"
     """Name of the preset this config started from (informational)."""
 
@@ -91,28 +109,6 @@ class BuildConfig:
             return cls.paper(**overrides)
         raise ConfigError(f"unknown build preset {name!r}", fix="use --preset cpu or --preset paper")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
-        """Inverse of `to_dict` (used to read the config back from a manifest)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown build config fields {unknown}", fix="remove them")
-        data = dict(data)
-        for name in ("norm_percentiles", "split_fractions"):
-            if name in data:
-                data[name] = tuple(data[name])
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["norm_percentiles"] = list(self.norm_percentiles)
-        data["split_fractions"] = list(self.split_fractions)
-        return data
-
-    def with_overrides(self, **overrides: Any) -> BuildConfig:
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
     # ------------------------------------------------------------------------------------------
     @property
     def tissue_px(self) -> int:
@@ -120,6 +116,8 @@ class BuildConfig:
         return self.niche_px * self.tissue_niches
 
     def validate(self) -> None:
+        """Raise `ConfigError` for values out of range or inconsistent with each other."""
+
         def bad(problem: str, fix: str) -> ConfigError:
             return ConfigError(problem, fix=fix)
 
@@ -157,3 +155,9 @@ class BuildConfig:
             raise bad(f"record_codec must be lz4 or none, got {self.record_codec!r}", "use lz4")
         if self.lmdb_map_size_gb <= 0:
             raise bad("lmdb_map_size_gb must be positive", "use the default 1024")
+        if self.segmentation not in SEGMENTATIONS:
+            raise bad(f"segmentation must be one of {SEGMENTATIONS}, got {self.segmentation!r}", "use polygons or circles")
+        if self.segmentation == "circles" and not self.circle_radius_um > 0:
+            raise bad("segmentation 'circles' needs circle_radius_um > 0", "give the radius, e.g. --radius-um 6")
+        if self.circle_radius_um < 0:
+            raise bad("circle_radius_um must be >= 0", "use a positive radius in micrometres")

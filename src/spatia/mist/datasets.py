@@ -36,8 +36,8 @@ import torch
 from torch.utils.data import Dataset
 
 from spatia.errors import ConfigError, DatasetError
-from spatia.mist.splits import SPLIT_NAMES
-from spatia.mist.store import LEVELS, RecordReader, gene_mask_from_manifest, index_path, read_manifest, store_path
+from spatia.keys import LEVELS, SPLIT_NAMES
+from spatia.mist.store import RecordReader, gene_mask_from_manifest, index_path, read_manifest, store_path
 
 
 def _select_split(index: pd.DataFrame, split: str | Sequence[str] | None, where: Path) -> pd.DataFrame:

@@ -7,7 +7,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from spatia.mist.store import LEVELS, RecordReader, index_path, read_manifest, store_path
+from spatia.keys import LEVELS
+from spatia.mist.store import RecordReader, index_path, read_manifest, store_path
 
 
 def _size_bytes(path: Path) -> int:
@@ -51,7 +52,8 @@ def dataset_info(root: str | Path, *, check_stores: bool = True) -> dict[str, An
             "n_genes_measured": s["n_genes_measured"],
             "scale_factor": s["scale"]["factor"],
             "n_clipped": s["scale"]["n_clipped"],
-            "intensity_range": [s["normalisation"].get("low"), s["normalisation"].get("high")],
+            # a slide that kept no cell (accept_cell_loss) has no range: NaN, as its scale factor
+            "intensity_range": [s["normalisation"].get("low", float("nan")), s["normalisation"].get("high", float("nan"))],
             "skipped": {k: v for k, v in s["skipped"].items() if v},
             "repaired": {k: v for k, v in s["repaired"].items() if v},
             "split": s["split"],

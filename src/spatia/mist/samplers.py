@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from spatia.errors import ConfigError
-from spatia.mist.datasets import MultiScaleDataset, MultiScaleKey
+
+if TYPE_CHECKING:  # datasets.py imports this module (MultiScaleDataset.loader)
+    from spatia.mist.datasets import MultiScaleDataset, MultiScaleKey
 
 
-class LocalizedBatchSampler(Sampler[list[MultiScaleKey]]):
+class LocalizedBatchSampler(Sampler[list["MultiScaleKey"]]):
     """Batches of `MultiScaleKey`s: tissues, all their niches, and cells inside them.
 
     Args:

@@ -17,9 +17,10 @@ import zlib
 
 import numpy as np
 
-SPLIT_NAMES = ("train", "val", "test", "buffer")
-TRAIN, VAL, TEST, BUFFER = 0, 1, 2, 3
+from spatia.keys import SPLIT_CODES, TEST, TRAIN, VAL
+
 NO_BLOCK = -1
+"""Code of a block grid cell where no kept cell falls (split codes are `spatia.keys.SPLIT_CODES`)."""
 
 
 def split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -55,9 +56,9 @@ def assign_units(n: int, fractions: tuple[float, float, float], rng: np.random.G
     n_train, n_val, n_test = split_sizes(n, fractions)
     codes = np.empty(n, dtype=np.int8)
     order = rng.permutation(n)
-    codes[order[:n_test]] = TEST
-    codes[order[n_test : n_test + n_val]] = VAL
-    codes[order[n_test + n_val :]] = TRAIN
+    codes[order[:n_test]] = SPLIT_CODES[TEST]
+    codes[order[n_test : n_test + n_val]] = SPLIT_CODES[VAL]
+    codes[order[n_test + n_val :]] = SPLIT_CODES[TRAIN]
     return codes
 
 
@@ -88,7 +89,7 @@ def buffer_cells(
     if n == 0 or buffer_px <= 0 or grid.size == 0:
         return out
     br, bc = block_rc[:, 0].astype(np.int64), block_rc[:, 1].astype(np.int64)
-    is_train = grid[br, bc] == TRAIN
+    is_train = grid[br, bc] == SPLIT_CODES[TRAIN]
     for dr in (-1, 0, 1):
         for dc in (-1, 0, 1):
             if dr == 0 and dc == 0:
@@ -97,7 +98,7 @@ def buffer_cells(
             valid = (nr >= 0) & (nc >= 0) & (nr < grid.shape[0]) & (nc < grid.shape[1])
             code = np.full(n, NO_BLOCK, dtype=np.int8)
             code[valid] = grid[nr[valid], nc[valid]]
-            held_out = (code == VAL) | (code == TEST)
+            held_out = (code == SPLIT_CODES[VAL]) | (code == SPLIT_CODES[TEST])
             x0, y0 = nc * block_px, nr * block_px
             dx = np.maximum(np.maximum(x0 - x_px, x_px - (x0 + block_px)), 0.0)
             dy = np.maximum(np.maximum(y0 - y_px, y_px - (y0 + block_px)), 0.0)

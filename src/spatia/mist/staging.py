@@ -23,7 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from spatia.errors import InputDataError
-from spatia.io.tables import PolygonLayout, VertexFile, ragged_index, row_blocks_by_entries, scan_polygons
+from spatia.arrays import ragged_index, row_blocks_by_entries
+from spatia.io.polygons import PolygonLayout, VertexFile, scan_polygons
 
 COUNT_BLOCK_NONZERO = 1 << 21
 """Stored count entries converted per block while staging (~50 MB of transient memory)."""
@@ -64,7 +65,7 @@ class StagedCounts:
 
 @dataclass
 class StagedPolygons:
-    """A slide's cell polygons on disk (see `spatia.io.tables.scan_polygons`)."""
+    """A slide's cell polygons on disk (see `spatia.io.polygons.scan_polygons`)."""
 
     path: Path
     layout: PolygonLayout
@@ -144,11 +145,28 @@ def _memory_blocks(counts: sp.spmatrix, max_nonzero: int):
         yield row, counts[row:stop]
 
 
-def stage_slide(slide: Any, vocabulary: dict[str, int], directory: Path) -> StagedSlide:
+CIRCLE_VERTICES = 32
+"""Vertices of the circles that stand in for a missing segmentation (`circle_radius_um`)."""
+
+
+def circle_polygons(x_um: np.ndarray, y_um: np.ndarray, radius_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """Circles of `radius_um` centred on each cell (`CIRCLE_VERTICES`-gons): offsets int64
+    (n + 1,) and vertices float64 (n * CIRCLE_VERTICES, 2) in micrometres."""
+    angles = 2 * np.pi * np.arange(CIRCLE_VERTICES) / CIRCLE_VERTICES
+    x = np.asarray(x_um, dtype=np.float64)[:, None] + radius_um * np.cos(angles)[None, :]
+    y = np.asarray(y_um, dtype=np.float64)[:, None] + radius_um * np.sin(angles)[None, :]
+    offsets = np.arange(len(x) + 1, dtype=np.int64) * CIRCLE_VERTICES
+    return offsets, np.column_stack([x.ravel(), y.ravel()])
+
+
+def stage_slide(slide: Any, vocabulary: dict[str, int], directory: Path, *,
+                circle_radius_um: float | None = None) -> StagedSlide:
     """Stream a slide's gene counts and cell polygons into `directory` (emptied first).
 
     `slide` is a `XeniumSlide` read with ``in_memory=False`` (counts and polygons streamed
     from its files) or any slide-like object holding them in memory (written out as they are).
+    With `circle_radius_um`, the cells are circles of that radius around their centroids
+    (`circle_polygons`) and the slide's own polygons are not read.
     """
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
@@ -181,7 +199,16 @@ def stage_slide(slide: Any, vocabulary: dict[str, int], directory: Path) -> Stag
 
     polygons = None
     vertices_path = directory / "vertices_um.f64"
-    if deferred is not None and getattr(slide, "cell_boundaries", None) is None:
+    if circle_radius_um is not None:
+        offsets, vertices = circle_polygons(slide.cells["x_centroid_um"].to_numpy(), slide.cells["y_centroid_um"].to_numpy(),
+                                            circle_radius_um)
+        sink = VertexFile(vertices_path)
+        try:
+            sink.append(vertices)
+        finally:
+            sink.close()
+        polygons = StagedPolygons(vertices_path, PolygonLayout(offsets[:-1].copy(), np.diff(offsets), int(offsets[-1])))
+    elif deferred is not None and getattr(slide, "cell_boundaries", None) is None:
         if deferred.cell_boundaries is not None:
             sink = VertexFile(vertices_path)
             try:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,13 @@ from typing import Any
 import numpy as np
 
 from spatia.errors import DatasetError
+from spatia.keys import LEVELS
 
 FORMAT_NAME = "spatia-mist"
 FORMAT_VERSION = 1
-LEVELS = ("cell", "niche", "tissue")
 MANIFEST_NAME = "manifest.json"
+PENDING_MANIFEST_NAME = "manifest.json.pending"
+"""The manifest of a finished build until `.build/` is removed; then renamed to `MANIFEST_NAME`."""
 BUILD_DIR_NAME = ".build"
 
 _MAGIC = b"MIST"
@@ -54,7 +57,7 @@ _RECORD_VERSION = 1
 _HEADER = struct.Struct("<4sBBBBHHIII")
 CODECS = {"none": 0, "lz4": 1}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
-_LEVEL_CODES = {"cell": 0, "niche": 1, "tissue": 2}
+_LEVEL_CODES = {level: code for code, level in enumerate(LEVELS)}  # cell 0, niche 1, tissue 2
 _LEVEL_NAMES = {v: k for k, v in _LEVEL_CODES.items()}
 
 
@@ -215,6 +218,47 @@ def open_writer(path: str | Path, map_size_gb: float):
 
     Path(path).mkdir(parents=True, exist_ok=True)
     return lmdb.open(str(path), map_size=int(map_size_gb * 2**30), subdir=True, readahead=False, meminit=False, max_dbs=0)
+
+
+REWRITE_BATCH_BYTES = 16 * 2**20
+"""Bytes of records per transaction while a store is rewritten."""
+
+
+def rewrite_store(path: str | Path, map_size_gb: float) -> None:
+    """Rewrite an LMDB store so that its file depends only on its records: a fresh environment
+    written in key order (appends, in transactions of `REWRITE_BATCH_BYTES`), with zero-filled
+    pages (`meminit`), then swapped in for ``data.mdb`` atomically. Same records, same bytes,
+    whatever the order, grouping or interruptions of the writes that made the store."""
+    import lmdb
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".rewrite")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    source = lmdb.open(str(path), readonly=True, lock=False, subdir=True, readahead=False)
+    target = lmdb.open(str(tmp), map_size=int(map_size_gb * 2**30), subdir=True, lock=False, meminit=True,
+                       readahead=False, max_dbs=0)
+    try:
+        with source.begin() as read:
+            batch: list[tuple[bytes, bytes]] = []
+            size = 0
+            for key, value in read.cursor():
+                batch.append((bytes(key), bytes(value)))
+                size += len(key) + len(value)
+                if size >= REWRITE_BATCH_BYTES:
+                    with target.begin(write=True) as txn:
+                        txn.cursor().putmulti(batch, append=True)
+                    batch, size = [], 0
+            if batch:
+                with target.begin(write=True) as txn:
+                    txn.cursor().putmulti(batch, append=True)
+        target.sync(True)
+    finally:
+        target.close()
+        source.close()
+    os.replace(tmp / "data.mdb", path / "data.mdb")
+    (path / "lock.mdb").unlink(missing_ok=True)  # the writer's lock file (process IDs); readers use none
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_records(env, items: list[tuple[bytes, bytes]]) -> None:

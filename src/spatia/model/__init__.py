@@ -11,6 +11,7 @@ Typical use::
     emb = model.embed(batch)                            # inference: emb.z, emb.z_cell, ...
 """
 
+from spatia.model.batch import MultiScaleBatch
 from spatia.model.config import SpatiaConfig, config_from_dict, load_config, packaged_config_path, validate_config
 from spatia.model.flops import flop_counter, flops_per_batch
 from spatia.model.gene import match_gene_vectors, normalize_counts, read_gene_table
@@ -23,6 +24,7 @@ __all__ = [
     "MODALITIES",
     "BatchSizes",
     "LevelReconstruction",
+    "MultiScaleBatch",
     "SpatiaConfig",
     "SpatiaModel",
     "SpatiaOutput",

@@ -10,8 +10,6 @@ the file. Every size in the model is a value here, never a constant in code.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from spatia.config import merge_config
 from spatia.errors import ConfigError
 
 PACKAGED_CONFIGS = ("tiny", "base")
@@ -41,8 +40,15 @@ class ImageConfig:
     layer_norm_eps: float = 1e-12   # ViTMAE's value, so pretrained weights behave as trained
     mask_ratio: float = 0.75        # MAE: fraction of patches hidden from the encoder
     share_encoder: bool = False     # one ViT for all three levels instead of one per level
-    pixel_mean: float = 0.0         # encoder input = (pixels - mean) / std; targets stay in [0, 1]
-    pixel_std: float = 1.0
+    # encoder input and MAE targets = (pixels - mean) / std; null: measured on the dataset's
+    # train cell crops when pretraining starts (`spatia.train.data.dataset_statistics`)
+    pixel_mean: float | None = None
+    pixel_std: float | None = None
+
+    def pixel_stats(self) -> tuple[float, float]:
+        """(mean, std) the pixels are standardised with; (0, 1) while not yet measured."""
+        return (0.0 if self.pixel_mean is None else self.pixel_mean,
+                1.0 if self.pixel_std is None else self.pixel_std)
 
 
 @dataclass
@@ -54,8 +60,12 @@ class GeneConfig:
     heads: int = 4
     mlp_size: int = 512
     dropout: float = 0.0
-    max_tokens: int = 32            # gene tokens per cell: all nonzero (up to this) + sampled zeros
+    # gene tokens per cell: all nonzero (up to this) + sampled zeros; null: the 99th percentile
+    # of nonzero measured genes per train cell, measured when pretraining starts (no cap until then)
+    max_tokens: int | None = None
     mask_ratio: float = 0.25        # masked gene modelling: share of the selected tokens hidden
+    withhold_ratio: float = 0.15    # share of training cells whose genes are all hidden (image-only)
+    profile_token: bool = True      # one more token: Linear(G, dim) of the cell's visible profile
     target_sum: float = 10000.0     # expression = log1p(counts / total_measured * target_sum)
     max_value: float = 12.0         # normalised values are clipped here before the value encoder
     freeze_embeddings: bool = False  # freeze the gene-ID embedding (e.g. after loading vectors)
@@ -108,15 +118,11 @@ class ImageDecoderConfig:
 
 @dataclass
 class GeneDecoderConfig:
-    """Gene decoder: learnable gene queries attend to memory tokens made from an embedding."""
+    """Whole-panel negative-binomial decoder (scVI's): an MLP of the embedding -> gene logits."""
 
-    dim: int = 128
-    layers: int = 1
-    heads: int = 4
-    mlp_size: int = 512
+    dim: int = 256                  # hidden width of the MLP
+    layers: int = 1                 # hidden layers (Linear, LayerNorm, GELU, dropout)
     dropout: float = 0.0
-    memory_tokens: int = 4          # the embedding is expanded into this many memory tokens
-    max_targets: int = 64           # genes predicted per niche / tissue (nonzero first)
 
 
 @dataclass
@@ -129,7 +135,10 @@ class LevelLossWeights:
 
 @dataclass
 class LossConfig:
-    cell: LevelLossWeights = field(default_factory=LevelLossWeights)
+    # the cell gene loss is a mean over ~G entries per cell (most of them zero counts), 10-100x
+    # smaller than the standardised image losses; weight 10 puts its gradient on z_cell on a par
+    # with the niche and tissue gene losses (measured, docs/model.md)
+    cell: LevelLossWeights = field(default_factory=lambda: LevelLossWeights(image=1.0, gene=10.0))
     niche: LevelLossWeights = field(default_factory=LevelLossWeights)
     tissue: LevelLossWeights = field(default_factory=LevelLossWeights)
 
@@ -205,7 +214,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> SpatiaC
     data = dict(data)
     base = _load(data.pop("extends"), seen=(source,)) if "extends" in data else SpatiaConfig()
     name = data.pop("name", source)
-    config = _merge(base, data, prefix="", source=source)
+    config = merge_config(base, data, source=source)
     config.name = str(name)
     validate_config(config, source=source)
     return config
@@ -248,52 +257,10 @@ def _load(name_or_path: str | Path, seen: tuple[str, ...]) -> SpatiaConfig:
         base = SpatiaConfig()
     else:
         base = _load("tiny", seen=(*seen, display))
-    config = _merge(base, data, prefix="", source=str(path))
+    config = merge_config(base, data, source=str(path))
     config.name = display
     validate_config(config, source=str(path))
     return config
-
-
-def _merge(base: Any, data: dict[str, Any], *, prefix: str, source: str) -> Any:
-    """Return a copy of dataclass `base` with `data` applied, checking keys and types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix.rstrip('.')}' must be a mapping of keys", path=source,
-                          fix="indent its keys under it")
-    fields = {f.name: f for f in dataclasses.fields(base) if f.name != "name"}
-    hints = typing.get_type_hints(type(base))
-    updates: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(
-                f"unknown key '{dotted}'",
-                path=source,
-                fix=f"valid keys here: {', '.join(sorted(fields))}",
-            )
-        current = getattr(base, key)
-        if dataclasses.is_dataclass(current):
-            updates[key] = _merge(current, value, prefix=f"{dotted}.", source=source)
-        else:
-            updates[key] = _coerce(value, hints[key], dotted, source)
-    return dataclasses.replace(base, **updates)
-
-
-def _coerce(value: Any, hint: Any, dotted: str, source: str) -> Any:
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    if bool in allowed:
-        if isinstance(value, bool):
-            return value
-    elif int in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif str in allowed and isinstance(value, str):
-        return value
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise ConfigError(f"'{dotted}' must be {names}, not {value!r}", path=source,
-                      fix=f"set '{dotted}' to a {names} value")
 
 
 def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
@@ -330,9 +297,6 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
         "image_decoder": (config.image_decoder.hidden_size, config.image_decoder.heads,
                           config.image_decoder.layers, config.image_decoder.mlp_size,
                           config.image_decoder.dropout),
-        "gene_decoder": (config.gene_decoder.dim, config.gene_decoder.heads,
-                         config.gene_decoder.layers, config.gene_decoder.mlp_size,
-                         config.gene_decoder.dropout),
     }
     for section, (dim, heads, layers, mlp, dropout) in sections.items():
         positive(f"{section}.heads", heads)
@@ -358,12 +322,18 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
     ratio("image.mask_ratio", im.mask_ratio)
     ratio("gene.mask_ratio", config.gene.mask_ratio)
     positive("image.channels", im.channels)
-    positive("image.pixel_std", im.pixel_std)
-    positive("gene.max_tokens", config.gene.max_tokens)
+    if im.pixel_std is not None:
+        positive("image.pixel_std", im.pixel_std)
+    if config.gene.max_tokens is not None:
+        positive("gene.max_tokens", config.gene.max_tokens)
+    ratio("gene.withhold_ratio", config.gene.withhold_ratio)
     positive("gene.target_sum", config.gene.target_sum)
     positive("gene.max_value", config.gene.max_value)
-    positive("gene_decoder.memory_tokens", config.gene_decoder.memory_tokens)
-    positive("gene_decoder.max_targets", config.gene_decoder.max_targets)
+    positive("gene_decoder.dim", config.gene_decoder.dim)
+    if config.gene_decoder.layers < 0:
+        fail("gene_decoder.layers", f"must be 0 or more, not {config.gene_decoder.layers}",
+             "set 'gene_decoder.layers' to e.g. 1")
+    ratio("gene_decoder.dropout", config.gene_decoder.dropout)
     positive("tissue.grid_size", config.tissue.grid_size)
     positive("train.lr", config.train.lr)
     positive("train.tissues_per_batch", config.train.tissues_per_batch)

@@ -6,7 +6,9 @@ present, so attention is defined for cells without gene tokens (gene modality wi
 cell with no measured genes): such cells attend only to that token.
 
 Final fusion (Eq. 4): each cell's z_cell attends to [z_cell, z_niche, z_tissue] of its own
-niche and tissue (whichever levels ran), giving the unified embedding z.
+niche and tissue (whichever levels ran); the result, through a zero-initialised projection, is
+added to z_cell: z = z_cell + W LN(CrossAttn(...)). The unified embedding thus starts as the
+cell level and only adds context that the losses reward, so it keeps what z_cell knows.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class FinalFusion(nn.Module):
     """Eq. 4. forward(z_cell (B, D), z_niche (B, D) | None, z_tissue (B, D) | None) -> z (B, D).
 
     Keys carry a learned level embedding (cell / niche / tissue) so the attention can tell the
-    scales apart.
+    scales apart. z = z_cell + out(LN(attention output)), `out` zero at initialisation.
     """
 
     def __init__(self, cfg: FusionConfig):
@@ -62,9 +64,12 @@ class FinalFusion(nn.Module):
             for _ in range(cfg.final_layers)
         )
         self.norm = nn.LayerNorm(cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.level_embedding, std=0.02)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, z_cell: torch.Tensor, z_niche: torch.Tensor | None = None,
                 z_tissue: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,4 +78,4 @@ class FinalFusion(nn.Module):
         q = z_cell[:, None, :]
         for block in self.blocks:
             q = block(q, kv)
-        return self.norm(q[:, 0])
+        return z_cell + self.out(self.norm(q[:, 0]))

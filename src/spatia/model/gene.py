@@ -5,9 +5,11 @@ the slide measured can become tokens (the panel mask); per cell, all nonzero mea
 to `gene.max_tokens`) are taken plus randomly chosen measured zeros up to the cap, as scPRINT
 does, so the transformer length is fixed by the config rather than by the panel.
 
-Normalised expression everywhere (inputs and gene-decoder targets) is
-`log1p(counts / total * target_sum)`, with `total` summed over *measured* genes only, so
-unmeasured genes cannot affect anything.
+The encoder's input is the normalised expression `log1p(counts / total * target_sum)`, with
+`total` summed over *measured* genes only, so unmeasured genes cannot affect anything. The
+token cap `gene.max_tokens` is measured from the data when pretraining starts (the 99th
+percentile of nonzero measured genes per train cell), so nearly every cell gets every one of
+its nonzero genes as a token.
 
 Gene-ID embeddings may start from a user table of gene vectors (e.g. protein language model
 embeddings), matched by symbol: see `read_gene_table` and `match_gene_vectors`.
@@ -63,7 +65,7 @@ def _compact(index: torch.Tensor, flag: torch.Tensor) -> GeneSelection:
     return GeneSelection(torch.gather(index, 1, order), torch.gather(flag, 1, order))
 
 
-def select_genes(values: torch.Tensor, measured: torch.Tensor, cap: int, *, randomize: bool,
+def select_genes(values: torch.Tensor, measured: torch.Tensor, cap: int | None, *, randomize: bool,
                  zero_priority: torch.Tensor, generator: torch.Generator | None = None) -> GeneSelection:
     """Choose up to `cap` measured genes per row: nonzero ones first, then zeros.
 
@@ -71,6 +73,7 @@ def select_genes(values: torch.Tensor, measured: torch.Tensor, cap: int, *, rand
     nonzero genes (when more than `cap`) and the zeros filling the rest are drawn uniformly at
     random; without it the choice is deterministic: highest expression first, then zeros in the
     fixed order `zero_priority` (float `(G,)` in [0, 1)). Unmeasured genes are never chosen.
+    `cap` None: every measured gene.
     """
     nonzero = (values > 0) & measured
     if randomize:
@@ -79,18 +82,19 @@ def select_genes(values: torch.Tensor, measured: torch.Tensor, cap: int, *, rand
     else:
         score = torch.where(nonzero, values / (1.0 + values), zero_priority.expand_as(values)) + nonzero.float()
     score = score.masked_fill(~measured, -1.0)
-    k = min(cap, values.shape[1])
+    k = values.shape[1] if cap is None else min(cap, values.shape[1])
     top, index = score.topk(k, dim=1, sorted=True)
     return _compact(index, top >= 0)
 
 
-def split_masked(selection: GeneSelection, mask_ratio: float, *,
+def split_masked(selection: GeneSelection, mask_ratio: float, *, withhold: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[GeneSelection, GeneSelection]:
     """Split each row's genes into (kept, masked) for masked gene modelling.
 
     `round(mask_ratio * n)` of a row's n genes, chosen uniformly, are masked: they are left out
     of the encoder and become the reconstruction targets. `mask_ratio` 1.0 masks all (used when
-    the gene modality is withheld); 0.0 masks none.
+    the gene modality is withheld); 0.0 masks none. `withhold` bool `(N,)`: rows whose genes
+    are all masked (image-only training cells).
     """
     valid = selection.valid
     n_valid = valid.sum(dim=1, keepdim=True)
@@ -103,6 +107,8 @@ def split_masked(selection: GeneSelection, mask_ratio: float, *,
         u = torch.rand(valid.shape, device=valid.device, generator=generator).masked_fill(~valid, 2.0)
         rank = u.argsort(dim=1).argsort(dim=1)
         masked = valid & (rank < n_mask)
+    if withhold is not None:
+        masked = masked | (valid & withhold[:, None])
     kept = valid & ~masked
     return _compact(selection.index, kept), _compact(selection.index, masked)
 
@@ -127,7 +133,12 @@ class GeneEncoder(nn.Module):
     """Gene tokens -> contextual gene tokens.
 
     forward(index, values, valid) with index int64 `(N, W)` vocabulary rows, values float32
-    `(N, W)` normalised expression, valid bool `(N, W)` -> tokens `(N, W, gene.dim)`.
+    `(N, W)` normalised expression, valid bool `(N, W)` -> tokens `(N, L, gene.dim)` and their
+    validity bool `(N, L)`. With `gene.profile_token`, L = W + 1: a first token
+    `Linear(G, dim)` of the cell's token values scattered into the vocabulary (an
+    autoencoder-style summary of the whole visible profile, valid when the cell has a token)
+    precedes the gene tokens and joins their attention; it sees only the genes given, so
+    masked genes stay hidden.
     """
 
     def __init__(self, cfg: GeneConfig, n_genes: int):
@@ -139,6 +150,8 @@ class GeneEncoder(nn.Module):
             SelfAttentionBlock(cfg.dim, cfg.heads, cfg.mlp_size, cfg.dropout) for _ in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.dim)
+        self.n_genes = n_genes
+        self.profile = nn.Linear(n_genes, cfg.dim) if cfg.profile_token else None
         # fixed random order in which measured zeros are taken when selection is deterministic
         priority = torch.rand(n_genes, generator=torch.Generator().manual_seed(0))
         self.register_buffer("zero_priority", priority)
@@ -148,15 +161,21 @@ class GeneEncoder(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embedding.weight, std=1.0)
 
-    def forward(self, index: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, index: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.embedding(index) + self.value_encoder(values)
+        if self.profile is not None:
+            profile = torch.zeros(index.shape[0], self.n_genes, dtype=values.dtype, device=values.device)
+            profile = profile.scatter_add(1, index, values.masked_fill(~valid, 0.0).clamp(max=self.value_encoder.max_value))
+            x = torch.cat([self.profile(profile)[:, None, :].to(x.dtype), x], dim=1)
+            valid = torch.cat([valid.any(dim=1, keepdim=True), valid], dim=1)
         if x.shape[1] == 0:
-            return x
+            return x, valid
         # a row without genes attends to its (ignored) padding instead of nothing, avoiding NaN
         attend = valid | ~valid.any(dim=1, keepdim=True)
         for block in self.blocks:
             x = block(x, attend)
-        return self.norm(x)
+        return self.norm(x), valid
 
     @torch.no_grad()
     def load_gene_vectors(self, vocabulary: list[str], table_symbols: list[str], vectors: np.ndarray,

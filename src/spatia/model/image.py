@@ -79,8 +79,7 @@ class ImageEncoder(nn.Module):
         self.patch_size = cfg.patch_size
         self.channels = cfg.channels
         self.hidden_size = cfg.hidden_size
-        self.pixel_mean = cfg.pixel_mean
-        self.pixel_std = cfg.pixel_std
+        self.pixel_mean, self.pixel_std = cfg.pixel_stats()
         self.grid = image_size_px // cfg.patch_size
         self.patch_embed = nn.Linear(cfg.channels * cfg.patch_size**2, cfg.hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))

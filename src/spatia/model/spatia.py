@@ -1,23 +1,12 @@
 """The SPATIA model: cell fusion, niche and tissue attention, final fusion, dual decoders.
 
-Batch contract (produced by the MIST dataset; G = the model's gene vocabulary size; cell /
-niche / tissue image sides Sc, Sn, St as in the config's `image.*_size_px`):
-- cell_image float32 (B, C, Sc, Sc) in [0, 1], zero outside the cell polygon; cell_mask bool
-  (B, C, Sc, Sc) (not read by the model: the image is already zero outside the polygon)
-- cell_counts float32 (B, G) raw counts in vocabulary order; cell_gene_measured bool (B, G)
-- cell_niche_index int64 (B,) row of the cell's niche in the niche tensors
-- niche_image float32 (Bn, C, Sn, Sn); niche_counts float32 (Bn, G); niche_gene_measured bool (Bn, G)
-- niche_tissue_index int64 (Bn,); niche_grid_rc int64 (Bn, 2) row/col in its tissue's grid
-- tissue_image float32 (Bt, C, St, St); tissue_counts float32 (Bt, G); tissue_gene_measured bool (Bt, G)
-- tissue_niche_index int64 (Bt, grid**2) niche rows in row-major grid order, -1 = empty slot
-- cell_id, niche_id, tissue_id: lists of str (carried through, not read)
-Levels need only their own keys: a cell-only forward reads only the cell_* keys.
+The batch contract (keys, shapes, what each level reads) is `spatia.model.batch.MultiScaleBatch`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +14,9 @@ import torch
 from torch import nn
 
 from spatia.errors import ConfigError, DatasetError, InputDataError
+from spatia.keys import LEVELS
 from spatia.model.config import SpatiaConfig, validate_config
+from spatia.model.batch import LEVEL_KEYS, MultiScaleBatch, counts_key, image_key, measured_key
 from spatia.model.decoders import GeneDecoder, ImageDecoder, gene_loss, image_loss
 from spatia.model.fusion import CellFusion, FinalFusion
 from spatia.model.gene import GeneEncoder, normalize_counts, read_gene_table, select_genes, split_masked
@@ -36,33 +27,27 @@ from spatia.model.tissue import TissueTransformer
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("cell", "niche", "tissue")
 MODALITIES = ("both", "image", "gene")
-
-_LEVEL_KEYS = {
-    "cell": ("cell_image", "cell_counts", "cell_gene_measured"),
-    "niche": ("cell_niche_index", "niche_image", "niche_counts", "niche_gene_measured"),
-    "tissue": ("niche_tissue_index", "tissue_image", "tissue_counts", "tissue_gene_measured",
-               "tissue_niche_index"),
-}
 
 
 @dataclass
 class LevelReconstruction:
     """Decoder outputs of one level (N = cells, niches or tissues).
 
-    image: predicted pixels float32 (N, C, S, S) for every patch; patch_masked bool (N, P)
-    (True = the patch was hidden from the encoder: the image loss targets); gene_index int64
-    (N, T) vocabulary rows of the target genes, gene_valid bool (N, T), gene_pred and
-    gene_target float32 (N, T) normalised expression. Absent parts are None (loss weight 0).
+    image: predicted pixels float32 (N, C, S, S) for every patch, in pixel units; patch_masked
+    bool (N, P) (True = the patch was hidden from the encoder: the image loss targets);
+    gene_mean float32 (N, G) the negative-binomial mean of every vocabulary gene (0 where
+    unmeasured), gene_dispersion float32 (G,) its theta, gene_counts float32 (N, G) the raw
+    counts it was scored against (0 where unmeasured), gene_measured bool (N, G) the targets.
+    Absent parts are None (loss weight 0).
     """
 
     image: torch.Tensor | None = None
     patch_masked: torch.Tensor | None = None
-    gene_index: torch.Tensor | None = None
-    gene_valid: torch.Tensor | None = None
-    gene_pred: torch.Tensor | None = None
-    gene_target: torch.Tensor | None = None
+    gene_mean: torch.Tensor | None = None
+    gene_dispersion: torch.Tensor | None = None
+    gene_counts: torch.Tensor | None = None
+    gene_measured: torch.Tensor | None = None
 
 
 @dataclass
@@ -198,13 +183,13 @@ class SpatiaModel(nn.Module):
     # forward
     # ----------------------------------------------------------------------------------------
 
-    def check_batch(self, batch: Mapping[str, object], levels: Sequence[str]) -> None:
+    def check_batch(self, batch: MultiScaleBatch, levels: Sequence[str]) -> None:
         """Check the keys and shapes the given levels read; raise a `SpatiaError` on a mismatch."""
         cfg = self.config.image
         n_genes = len(self.gene_symbols)
         sizes = {"cell": cfg.cell_size_px, "niche": cfg.niche_size_px, "tissue": cfg.tissue_size_px}
         for level in levels:
-            missing = [k for k in _LEVEL_KEYS[level] if k not in batch]
+            missing = [k for k in LEVEL_KEYS[level] if k not in batch]
             if missing:
                 raise DatasetError(f"the batch lacks {', '.join(missing)} needed by the {level} level",
                                    fix="use a MIST dataset built with niche and tissue levels, or fewer levels")
@@ -244,17 +229,18 @@ class SpatiaModel(nn.Module):
             raise DatasetError(f"{name} holds rows outside [0, {size})",
                                fix="every cell / niche must point at a niche / tissue of the same batch")
 
-    def forward(self, batch: Mapping[str, object], *, mask_image: bool = True, mask_genes: bool = True,
+    def forward(self, batch: MultiScaleBatch, *, mask_image: bool = True, mask_genes: bool = True,
                 modality: str = "both", levels: Sequence[str] = LEVELS, compute_losses: bool = True,
                 generator: torch.Generator | None = None) -> SpatiaOutput:
         """Embed a batch and (by default) compute the self-supervised losses.
 
         mask_image: MAE masking of `image.mask_ratio` of the patches at every level.
-        mask_genes: masked gene modelling (`gene.mask_ratio` of the selected gene tokens are
-            targets, left out of the encoder) and random gene-token sampling; without it the
-            gene tokens are chosen deterministically.
-        modality: "both"; "image" withholds genes (no gene token enters; every selected gene is
-            a target); "gene" withholds images (every patch at every level is masked: encoders
+        mask_genes: masked gene modelling (`gene.mask_ratio` of the selected gene tokens, and
+            every token of a `gene.withhold_ratio` share of the cells, are left out of the
+            encoder) and random gene-token sampling; without it the gene tokens are chosen
+            deterministically. The gene losses always score the whole measured panel.
+        modality: "both"; "image" withholds genes (no gene token enters; the gene losses still
+            score the whole measured panel); "gene" withholds images (every patch at every level is masked: encoders
             see only their CLS token; every patch is a target).
         levels: ("cell",), ("cell", "niche") or ("cell", "niche", "tissue") - the stage.
         generator: the source of every random draw (masks, gene sampling), for reproducibility.
@@ -274,9 +260,13 @@ class SpatiaModel(nn.Module):
         values = normalize_counts(batch["cell_counts"], measured, cfg.gene.target_sum)
         selection = select_genes(values, measured, cfg.gene.max_tokens, randomize=mask_genes,
                                  zero_priority=self.gene_encoder.zero_priority, generator=generator)
-        kept, masked = split_masked(selection, gene_ratio, generator=generator)
-        gene_tokens = self.gene_encoder(kept.index, kept.take(values), kept.valid)
-        fused, z_cell = self.cell_fusion(cell["tokens"], gene_tokens, kept.valid)
+        withhold = None
+        if mask_genes and use_genes and cfg.gene.withhold_ratio > 0:
+            draw = torch.rand(values.shape[0], device=values.device, generator=generator)
+            withhold = draw < cfg.gene.withhold_ratio
+        kept, _ = split_masked(selection, gene_ratio, withhold=withhold, generator=generator)
+        gene_tokens, gene_valid = self.gene_encoder(kept.index, kept.take(values), kept.valid)
+        fused, z_cell = self.cell_fusion(cell["tokens"], gene_tokens, gene_valid)
 
         # ---- niche level (Eq. 5) and tissue level (Eq. 6)
         z_niche = z_tissue = niche_z = niche_tz = tissue_z = None
@@ -301,38 +291,33 @@ class SpatiaModel(nn.Module):
 
         # ---- dual decoders, per level
         total = z.new_zeros(())
-        targets = masked if bool(masked.valid.any()) else selection
-        level_inputs = {"cell": (z, fused[:, 1:], cell, batch["cell_image"], (targets, values))}
+        pixel_mean, pixel_std = cfg.image.pixel_stats()
+        norm_pix = cfg.image_decoder.norm_pix_loss
+        level_inputs = {"cell": (z, fused[:, 1:], cell)}
         if niche is not None:
-            level_inputs["niche"] = (niche_z, niche["tokens"][:, 1:], niche, batch["niche_image"], None)
+            level_inputs["niche"] = (niche_z, niche["tokens"][:, 1:], niche)
         if tissue is not None:
-            level_inputs["tissue"] = (tissue_z, tissue["tokens"][:, 1:], tissue, batch["tissue_image"], None)
-        for level, (emb, visible, enc, images, gene_targets) in level_inputs.items():
+            level_inputs["tissue"] = (tissue_z, tissue["tokens"][:, 1:], tissue)
+        for level, (emb, visible, enc) in level_inputs.items():
             weights = getattr(cfg.loss, level)
             rec = LevelReconstruction()
             if weights.image > 0:
+                images = batch[image_key(level)]
                 pred = self.image_decoders[level](emb, visible, enc["keep"], enc["masked"].shape[1])
-                loss = image_loss(pred, images, enc["masked"], cfg.image.patch_size,
-                                  cfg.image_decoder.norm_pix_loss)
+                loss = image_loss(pred, images, enc["masked"], cfg.image.patch_size, norm_pix, pixel_mean, pixel_std)
                 out.losses[f"{level}/image"] = loss
                 total = total + weights.image * loss
-                rec.image = unpatchify(pred, cfg.image.patch_size, cfg.image.channels)
+                pixels = unpatchify(pred, cfg.image.patch_size, cfg.image.channels)
+                rec.image = pixels if norm_pix else pixels * pixel_std + pixel_mean
                 rec.patch_masked = enc["masked"]
             if weights.gene > 0:
-                if gene_targets is None:
-                    level_measured = batch[f"{level}_gene_measured"].bool()
-                    level_values = normalize_counts(batch[f"{level}_counts"], level_measured, cfg.gene.target_sum)
-                    gene_targets = (select_genes(level_values, level_measured, cfg.gene_decoder.max_targets,
-                                                 randomize=mask_genes, zero_priority=self.gene_encoder.zero_priority,
-                                                 generator=generator), level_values)
-                target_sel, level_values = gene_targets
-                pred = self.gene_decoder(emb, level, target_sel.index)
-                target = target_sel.take(level_values)
-                loss = gene_loss(pred, target, target_sel.valid)
+                counts, level_measured = batch[counts_key(level)], batch[measured_key(level)].bool()
+                theta = self.gene_decoder.dispersion(level)
+                loss, mean = gene_loss(self.gene_decoder(emb, level), theta, counts, level_measured)
                 out.losses[f"{level}/gene"] = loss
                 total = total + weights.gene * loss
-                rec.gene_index, rec.gene_valid = target_sel.index, target_sel.valid
-                rec.gene_pred, rec.gene_target = pred, target
+                rec.gene_mean, rec.gene_dispersion, rec.gene_measured = mean, theta, level_measured
+                rec.gene_counts = torch.where(level_measured, counts.float(), torch.zeros((), device=counts.device))
             out.reconstructions[level] = rec
         out.losses["total"] = total
         return out
@@ -346,7 +331,7 @@ class SpatiaModel(nn.Module):
         return {"tokens": tokens, "keep": keep, "masked": masked}
 
     @torch.no_grad()
-    def embed(self, batch: Mapping[str, object], modality: str = "both",
+    def embed(self, batch: MultiScaleBatch, modality: str = "both",
               levels: Sequence[str] = LEVELS) -> SpatiaOutput:
         """Embeddings without masking, dropout or losses (deterministic gene-token choice).
 

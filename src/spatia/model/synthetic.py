@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from spatia.model.batch import MultiScaleBatch
 from spatia.model.config import SpatiaConfig
 
 
@@ -57,7 +58,7 @@ def _blob_images(n: int, side: int, brightness: torch.Tensor, g: torch.Generator
 def synthetic_batch(config: SpatiaConfig, sizes: BatchSizes | None = None, *, n_genes: int | None = None,
                     empty_slot_fraction: float = 0.1, empty_niche_fraction: float = 0.1,
                     unmeasured_fraction: float = 0.1, n_types: int = 5, seed: int = 0,
-                    device: torch.device | str = "cpu") -> dict:
+                    device: torch.device | str = "cpu") -> MultiScaleBatch:
     """A random batch following the batch contract at the config's image sizes.
 
     sizes: tissues, cells per tissue and genes (default: the config's `train.tissues_per_batch`,

@@ -4,16 +4,9 @@
 (paper section 4.3 and appendix D); the solver is `spatia.perturb.sinkhorn`.
 """
 
-from spatia.perturb.pairing import (
-    PAIR_COLUMNS,
-    PairingConfig,
-    add_annotations,
-    PairingResult,
-    pair_cells,
-    plot_diagnostics,
-    validate_inputs,
-    write_pairing,
-)
+from spatia.perturb.config import PairingConfig
+from spatia.perturb.pairing import PAIR_COLUMNS, PairingResult, add_annotations, pair_cells, validate_inputs
+from spatia.perturb.writing import plot_diagnostics, write_pairing
 from spatia.perturb.signatures import Signatures, compute_signatures
 from spatia.perturb.sinkhorn import BlockCost, SinkhornResult, SinkhornWarning, sinkhorn_log, summarize_plan
 from spatia.perturb.transitions import (

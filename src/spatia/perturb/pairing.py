@@ -6,7 +6,11 @@
    slide, patient) columns exist, every state is known, both states of a transition have at
    least `theta_min` cells of the transition's lineage (appendix D.1 rules 1 and 2);
 2. log-normalise the counts and project them on the top `n_pcs` principal components of all
-   cells, centred on the global mean (`spatia.perturb.expression`);
+   cells, centred on the global mean (`spatia.expression`; paper appendix D.2: counts
+   library-size normalised to the median total and log1p-transformed, then g~_i =
+   PCA_d(g_i - g_bar), fitted once on all cells with counts, not per transition, so the costs
+   of all transitions are comparable and a state shared by several transitions keeps its
+   coordinates);
 3. for every transition and every slide (and niche, with `same_niche`) solve entropic OT
    between its control and target cells (`spatia.perturb.sinkhorn`) on the cost
 
@@ -29,7 +33,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +45,10 @@ from scipy.spatial import cKDTree
 
 from spatia.console import progress
 from spatia.errors import ConfigError, InputDataError
-from spatia.outputs import atomic_output, write_json
-from spatia.perturb.expression import log_normalize, pca_embedding
+from spatia.expression import counts_from_anndata, expression_pca, library_sizes, log_normalise
 from spatia.perturb.signatures import Signatures, compute_signatures
 from spatia.perturb.sinkhorn import BlockCost, SinkhornWarning, plan_values, sinkhorn_log, summarize_plan
+from spatia.perturb.config import PairingConfig
 from spatia.perturb.transitions import Transition, TransitionsFile
 
 logger = logging.getLogger(__name__)
@@ -58,102 +62,6 @@ CONFIG_FILE = "pairing_config.json"
 DIAGNOSTICS_FILE = "diagnostics.json"
 PLOT_FILE = "diagnostics.png"
 DEFAULT_SLIDE_ID = "slide"
-
-
-@dataclass(frozen=True)
-class PairingConfig:
-    """Everything that decides the pairs; saved (resolved) next to them.
-
-    epsilon: entropic regularisation relative to the RMS control-target expression distance
-      (the cost is divided by it), so 0.05 means the same on any data (paper: 0.05).
-    tol: Sinkhorn stops when the L1 error of the column marginal is below it (a fraction of
-      the total mass 1). max_iter: iteration limit (a warning if reached).
-    omega: Sinkhorn over-relaxation, "auto" (adaptive, safeguarded) or a factor in [1, 2).
-    n_pcs: principal components of the expression space (paper d = 50).
-    theta_min: minimum cells of each state within the transition's lineage (paper 50).
-    state_key, lineage_key: obs columns of the cell state and lineage (required).
-    niche_key: obs column of the niche type (e.g. domain); written as niche_ctrl/niche_tgt and
-      used by `same_niche`. slide_key, patient_key: obs columns; without slide_key all cells
-      are one slide (its id from uns["spatia"]["slide_id"] when present).
-    counts_layer: layer with raw counts; None = layers["counts"] if present, else .X.
-    spatial_weight, spatial_scale_um: the spatial cost term spatial_weight * d / scale; with
-      the defaults 100 um of distance cost 0.1 RMS expression distances. 0 turns it off.
-    max_distance_um: hard radius; control-target pairs farther apart are never made (None: off).
-    same_niche: solve each niche type of a slide separately (needs niche_key).
-    pair_noise: fraction of pairs whose targets are swapped among themselves within each
-      transition and slide (paper Table 5: 0.1, 0.2); 0 = off.
-    seed: seeds the pair noise and the ARPACK start of the PCA (for panels over 2,000 genes).
-    dtype: "float32" (default) or "float64" for the Sinkhorn arithmetic.
-    memory_mb: budget of each solve's cached cost blocks and buffers; block_mb: block size.
-    """
-
-    epsilon: float = 0.05
-    tol: float = 1e-5
-    max_iter: int = 5000
-    omega: float | str = "auto"
-    n_pcs: int = 50
-    theta_min: int = 50
-    state_key: str = "state"
-    lineage_key: str = "lineage"
-    niche_key: str | None = None
-    slide_key: str | None = None
-    patient_key: str | None = None
-    counts_layer: str | None = None
-    spatial_weight: float = 0.1
-    spatial_scale_um: float = 100.0
-    max_distance_um: float | None = None
-    same_niche: bool = False
-    pair_noise: float = 0.0
-    seed: int = 0
-    dtype: str = "float32"
-    memory_mb: float = 1024.0
-    block_mb: float = 64.0
-
-    def __post_init__(self) -> None:
-        def bad(name: str, rule: str) -> ConfigError:
-            return ConfigError(f"pairing setting {name} = {getattr(self, name)!r} is invalid: {rule}",
-                               fix=f"set {name} so that {rule}")
-
-        for name in ("epsilon", "tol", "spatial_scale_um", "memory_mb", "block_mb"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise bad(name, "it is a positive number")
-        for name in ("max_iter", "n_pcs", "theta_min"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise bad(name, "it is a whole number >= 1")
-        if not (isinstance(self.spatial_weight, (int, float)) and math.isfinite(self.spatial_weight)
-                and self.spatial_weight >= 0):
-            raise bad("spatial_weight", "it is a number >= 0")
-        if self.max_distance_um is not None and not (math.isfinite(self.max_distance_um) and self.max_distance_um > 0):
-            raise bad("max_distance_um", "it is a positive number of micrometres (or unset)")
-        if not 0 <= self.pair_noise <= 1:
-            raise bad("pair_noise", "it is a fraction between 0 and 1")
-        if self.omega != "auto":
-            try:
-                ok = 1.0 <= float(self.omega) < 2.0
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise bad("omega", "it is 'auto' or a number in [1, 2)")
-        if self.dtype not in ("float32", "float64"):
-            raise bad("dtype", "it is 'float32' or 'float64'")
-        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise bad("seed", "it is a whole number >= 0")
-        if self.same_niche and not self.niche_key:
-            raise ConfigError("same_niche needs a niche column", fix="name it with niche_key (--niche-key)")
-        for name in ("state_key", "lineage_key"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise bad(name, "it names an obs column")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PairingConfig:
-        """Build from a mapping (e.g. a saved pairing_config.json 'config'); unknown keys raise."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown pairing settings {unknown}", fix=f"use only {', '.join(sorted(known))}")
-        return cls(**values)
 
 
 @dataclass
@@ -223,18 +131,9 @@ def _weighted_mean(values: pd.Series, weights: pd.Series) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def counts_matrix(adata, config: PairingConfig) -> np.ndarray | sp.spmatrix:
+def counts_matrix(adata, config: PairingConfig) -> sp.csr_matrix:
     """The raw counts (cells x genes) named by `config.counts_layer` (default layers["counts"] or X)."""
-    if config.counts_layer is not None:
-        if config.counts_layer not in adata.layers:
-            raise InputDataError(f"the AnnData has no layer {config.counts_layer!r} (layers: {list(adata.layers)})",
-                                 fix="name a layer holding raw counts, or leave counts_layer unset to use .X")
-        return adata.layers[config.counts_layer]
-    if "counts" in adata.layers:
-        return adata.layers["counts"]
-    if adata.X is None:
-        raise InputDataError("the AnnData has no .X and no layers['counts']", fix="store raw counts in .X")
-    return adata.X
+    return counts_from_anndata(adata, config.counts_layer)
 
 
 def validate_inputs(adata, transitions: Sequence[Transition], config: PairingConfig) -> dict[str, np.ndarray]:
@@ -400,9 +299,10 @@ def pair_cells(
     row_of[kept] = np.arange(len(kept))
     counts = counts_matrix(adata, config)
     counts = counts[kept] if len(kept) < adata.n_obs else counts
-    expression, target_sum = log_normalize(counts)
+    target_sum = float(np.median(library_sizes(counts)))
+    expression = log_normalise(counts, target_sum)
     t0 = time.perf_counter()
-    pcs = pca_embedding(expression, config.n_pcs, seed=config.seed)
+    pcs = expression_pca(expression, config.n_pcs, seed=config.seed)
     logger.info("expression space: %d cells x %d PCs (%.1f s)", pcs.shape[0], pcs.shape[1], time.perf_counter() - t0)
 
     problems = list(_problems(transitions, cells, config))
@@ -574,75 +474,3 @@ def _pairs_table(adata, transitions, cells, ctrl, tgt, which, score, swapped, di
                  "transition_tag", "task_name", "patient_id", "slide_id"):
         frame[name] = frame[name].astype("string")
     return frame
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------------------------
-
-
-def write_pairing(result: PairingResult, out_dir: str | Path) -> Path:
-    """Write a new folder `out_dir` with the pairs, signatures, resolved config and diagnostics.
-
-    pairs.parquet, signatures.parquet, signatures.npz, pairing_config.json (config +
-    transitions), diagnostics.json (summary per transition + one row per problem) and
-    diagnostics.png. Built under a temporary name and renamed when complete; an existing
-    `out_dir` raises `OutputExistsError`.
-    """
-    out_dir = Path(out_dir)
-    with atomic_output(out_dir) as tmp:
-        tmp.mkdir()
-        result.pairs.to_parquet(tmp / PAIRS_FILE, index=False)
-        result.signatures.write(tmp)
-        write_json(tmp / CONFIG_FILE, {
-            "config": asdict(result.config),
-            "transitions": [asdict(t) for t in result.transitions],
-            "n_pcs_used": result.n_pcs_used,
-            "target_sum": result.target_sum,
-        })
-        write_json(tmp / DIAGNOSTICS_FILE, {
-            "n_pairs": int(len(result.pairs)),
-            "n_cells_without_counts": result.n_cells_without_counts,
-            "transitions": result.summary(),
-            "problems": _records(result.diagnostics),
-        })
-        plot_diagnostics(result, tmp / PLOT_FILE)
-    return out_dir
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """DataFrame rows as JSON-ready dicts (NaN -> None)."""
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-            for row in frame.to_dict(orient="records")]
-
-
-def plot_diagnostics(result: PairingResult, path: str | Path) -> Path:
-    """PNG with, per transition: match scores, control-target distances and target usage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairs = result.pairs
-    names = [t.name for t in result.transitions]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in names:
-        p = pairs[pairs["transition_tag"] == name]
-        if len(p) == 0:
-            continue
-        axes[0].hist(p["match_score"].to_numpy(), bins=30, range=(0, 1), histtype="step", label=name)
-        axes[1].hist(p["spatial_distance_um"].to_numpy(), bins=30, histtype="step", label=name)
-        uses = p["x_tgt_id"].value_counts().to_numpy()
-        axes[2].hist(uses, bins=np.arange(1, uses.max() + 2) - 0.5, histtype="step", label=name)
-    axes[0].set(title="match score P_ij / a_i of each pair", xlabel="match score", ylabel="pairs")
-    axes[1].set(title="control-target distance", xlabel="um", ylabel="pairs")
-    axes[2].set(title="controls per used target", xlabel="controls", ylabel="targets")
-    summary = result.summary()
-    lines = [f"{n}: {s['n_pairs']} pairs, distinct targets {(s['distinct_target_share'] or 0):.2f}, "
-             f"max marginal err {(s['max_marginal_error'] or 0):.1e}" for n, s in summary.items()]
-    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, family="monospace", va="bottom")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * len(lines), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)

@@ -4,7 +4,7 @@ For a transition tau with pairs P_tau = {(i, pi(i))}:
 
     Delta g_tau = 1 / |P_tau| * sum_{(i, j) in P_tau} (g_j - g_i)
 
-computed on log-normalised expression (`spatia.perturb.expression.log_normalize`: log1p of
+computed on log-normalised expression (`spatia.expression.log_normalise`: log1p of
 counts scaled to the median library size), so Delta g is a natural-log fold change of
 normalised expression, averaged over pairs. A target matched by several controls counts once
 per pair, as in Eq. 11.

@@ -22,6 +22,18 @@ Once the g steps have settled, that contribution is one matrix-vector product wi
 stabilised exponentials the g fit just computed (`_row_update_from_columns`) instead of a
 second log-sum-exp pass.
 
+Cached blocks then hold that kernel instead of the cost (`_sweep_kernel_block`): after the
+first settled pass each cached block is overwritten in place by the stabilised kernel
+K_ji = exp(alpha0_i - C_ij / eps - peak_j) of the potentials alpha0 of that pass, and later
+passes fit g by one matrix-vector product K exp(alpha - alpha0) and f by one with K^T, with no
+exp over the n x m entries and no recomputation of the cost (Schmitzer's absorption, 2019).
+Kernel entries are clamped at e^-80 (not e^-60) of their column's largest, and the kernels are
+re-absorbed (recomputed from the cost) once alpha - alpha0 spreads over more than
+`KERNEL_SPREAD` (20), so the clamp still weighs under e^-60 of every sum. `BlockCost.blocks()`
+always serves the cost, recomputing it where a kernel was held. On CPU a cached block is swept
+in chunks of `KERNEL_CHUNK_BYTES` so that the second product reads the chunk from cache, not
+from memory.
+
 Convergence is tested on the marginals: after an exact f update every row of P sums to 1/n
 exactly, and the solver stops when the L1 violation of the column marginal,
 sum_j |sum_i P_ij - 1/m|, falls below `tol` (the total mass is 1, so `tol` is a fraction of
@@ -35,6 +47,10 @@ linear rate r of plain Sinkhorn, sets w = 2 / (1 + sqrt(1 - r)) (the SOR optimum
 `OMEGA_MAX`), and is safeguarded: every `check_every`-th f update is exact so the marginal
 test stays valid, and whenever the error grows the solver returns to the best iterate so far
 and halves w - 1. `omega=1` is the textbook algorithm.
+
+Every tensor lives on `BlockCost(device=...)` ("cpu" by default; "cuda" runs the same code on
+a GPU). This module is over 500 lines because the cost, the solver and the plan summary share
+the block layout and its cache states; splitting them would spread one invariant over files.
 """
 
 from __future__ import annotations
@@ -58,6 +74,10 @@ FAST_SPREAD = 10.0  # largest g-step spread at which rows are updated by a mat-v
 REPORT_EVERY_S = 30.0  # a solve running longer logs its progress this often
 SINGLE_THREAD_MAX_ENTRIES = 1 << 22  # below this many cost entries one torch thread is faster
 _MB = 1 << 20
+KERNEL_FLOOR = 80.0  # cached kernel entries are clamped at exp(-KERNEL_FLOOR) of their column's largest
+KERNEL_SPREAD = 20.0  # cached kernels are re-absorbed once max - min of alpha - alpha0 exceeds this
+KERNEL_CACHE = True  # cached blocks hold the stabilised kernel once Sinkhorn settles (tests switch it off)
+KERNEL_CHUNK_BYTES = 8 * _MB  # CPU: a cached kernel block is swept in chunks this size
 
 
 @contextmanager
@@ -112,6 +132,8 @@ class BlockCost:
     memory_mb: budget for cached cost blocks plus the solver's working buffers. Blocks that do
       not fit are recomputed from the coordinates at every pass.
     block_mb: size of one block (all n controls x a slice of targets).
+    device: where the coordinates, blocks and solver tensors live ("cpu", "cuda", a
+      torch.device); None = "cpu".
 
     `blocks()` yields (j0, j1, C[:, j0:j1].T) with the block transposed, shape (j1 - j0, n):
     rows are targets, columns are controls. A yielded block is only valid until the next one.
@@ -131,6 +153,7 @@ class BlockCost:
         dtype: torch.dtype = torch.float32,
         memory_mb: float = 1024.0,
         block_mb: float = 64.0,
+        device: str | torch.device | None = None,
     ):
         x64 = np.asarray(x, dtype=np.float64)
         y64 = np.asarray(y, dtype=np.float64)
@@ -140,6 +163,7 @@ class BlockCost:
             raise ValueError("x and y must each hold at least one point")
         self.n, self.m = len(x64), len(y64)
         self.dtype = dtype
+        self.device = torch.device("cpu" if device is None else device)
         self.spatial_weight = float(spatial_weight)
         self.spatial_scale_um = float(spatial_scale_um)
         self.max_distance_um = None if max_distance_um is None else float(max_distance_um)
@@ -151,8 +175,8 @@ class BlockCost:
             self.expr_scale = 1.0  # all points coincide: every distance is 0 whatever the scale
 
         shift = x64.mean(axis=0)  # centring keeps |x|^2 + |y|^2 - 2 x.y accurate in float32
-        self._x = torch.as_tensor(x64 - shift, dtype=dtype)
-        self._y = torch.as_tensor(y64 - shift, dtype=dtype)
+        self._x = torch.as_tensor(x64 - shift, dtype=dtype, device=self.device)
+        self._y = torch.as_tensor(y64 - shift, dtype=dtype, device=self.device)
         self._x_sq = (self._x * self._x).sum(1)
         self._y_sq = (self._y * self._y).sum(1)
         if self.uses_positions:
@@ -161,28 +185,32 @@ class BlockCost:
             if p.shape != (self.n, 2) or q.shape != (self.m, 2):
                 raise ValueError(f"x_pos and y_pos must be (n, 2) and (m, 2); got {p.shape} and {q.shape}")
             origin = p.mean(axis=0)
-            self._p = torch.as_tensor(p - origin, dtype=dtype)
-            self._q = torch.as_tensor(q - origin, dtype=dtype)
+            self._p = torch.as_tensor(p - origin, dtype=dtype, device=self.device)
+            self._q = torch.as_tensor(q - origin, dtype=dtype, device=self.device)
 
         itemsize = torch.tensor([], dtype=dtype).element_size()
         self.block_rows = int(max(1, min(self.m, (block_mb * _MB) // (itemsize * self.n))))
         self._starts = list(range(0, self.m, self.block_rows))
         block_bytes = self.block_rows * self.n * itemsize
-        # working buffers, in blocks: `work` and the summary pass's plan block, plus the spatial
-        # distances and radius mask (1/4: bool) while blocks are computed, plus the block being
-        # recomputed when not everything is cached
-        fixed = 2.0 + (1.25 if self.uses_positions else 0.0)
+        # working buffers, in blocks: `work`, the spatial distances (which the summary pass
+        # reuses for its plan block; a block of its own without positions) and the radius mask
+        # (1/4: bool), plus the block being recomputed when not everything is cached
+        fixed = 2.0 + (0.25 if self.max_distance_um is not None else 0.0)
         budget_blocks = memory_mb * _MB / block_bytes
         if budget_blocks >= len(self._starts) + fixed:
             self.n_cached_blocks = len(self._starts)
         else:
             self.n_cached_blocks = int(max(0.0, budget_blocks - fixed - 1.0))
         self._cache: list[torch.Tensor | None] = [None] * len(self._starts)
-        self._buf = None if self.fully_cached else torch.empty((self.block_rows, self.n), dtype=dtype)
-        self.work = torch.empty((self.block_rows, self.n), dtype=dtype)  # scratch for the solver
-        if self.uses_positions:
-            self._sbuf = torch.empty((self.block_rows, self.n), dtype=dtype)
-            self._mask = torch.empty((self.block_rows, self.n), dtype=torch.bool)
+        # per cached block: None while it holds the cost, else (peak, dead) of the kernel it holds
+        self._kernel: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(self._starts)
+        empty = {"dtype": dtype, "device": self.device}
+        self._buf = None if self.fully_cached else torch.empty((self.block_rows, self.n), **empty)
+        self.work = torch.empty((self.block_rows, self.n), **empty)  # scratch for the solver
+        if self.uses_positions:  # spatial distances; also the plan block of summarize_plan
+            self._sbuf = torch.empty((self.block_rows, self.n), **empty)
+        if self.max_distance_um is not None:
+            self._mask = torch.empty((self.block_rows, self.n), dtype=torch.bool, device=self.device)
 
     @property
     def n_blocks(self) -> int:
@@ -195,21 +223,37 @@ class BlockCost:
 
     def blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield (j0, j1, block) for consecutive target slices; block = C[:, j0:j1].T, (j1-j0, n)."""
+        for _, j0, j1, block, _ in self._slots(keep_kernels=False):
+            yield j0, j1, block
+
+    def _slots(self, keep_kernels: bool):
+        """Yield (k, j0, j1, tensor, cached) per block: the cost, or with `keep_kernels` the kernel a
+        cached block holds (`_kernel[k]` is then not None). Without it, held kernels are
+        overwritten by the recomputed cost first."""
         for k, j0 in enumerate(self._starts):
             j1 = min(j0 + self.block_rows, self.m)
             cached = self._cache[k]
             if cached is not None:
-                yield j0, j1, cached
+                if self._kernel[k] is not None and not keep_kernels:
+                    self._fill(j0, j1, cached)
+                    self._kernel[k] = None
+                yield k, j0, j1, cached, True
                 continue
             if k < self.n_cached_blocks:
-                block = torch.empty((j1 - j0, self.n), dtype=self.dtype)
+                block = torch.empty((j1 - j0, self.n), dtype=self.dtype, device=self.device)
                 self._fill(j0, j1, block)
                 self._cache[k] = block
+                yield k, j0, j1, block, True
             else:
                 assert self._buf is not None
                 block = self._buf[: j1 - j0]
                 self._fill(j0, j1, block)
-            yield j0, j1, block
+                yield k, j0, j1, block, False
+
+    def _holds_kernels(self) -> bool:
+        """True when every block within the cache budget is cached and holds a kernel."""
+        return self.n_cached_blocks > 0 and all(
+            self._cache[k] is not None and self._kernel[k] is not None for k in range(self.n_cached_blocks))
 
     def _fill(self, j0: int, j1: int, out: torch.Tensor) -> None:
         """Write C[:, j0:j1].T into `out` ((j1 - j0, n)) from the coordinates."""
@@ -233,8 +277,8 @@ class BlockCost:
 
     def pair_costs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """C_ij for the given index pairs (two int arrays of equal length), float64, vectorised."""
-        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-        cols = torch.as_tensor(np.asarray(cols, dtype=np.int64))
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        cols = torch.as_tensor(np.asarray(cols, dtype=np.int64), device=self.device)
         x, y = self._x.double(), self._y.double()
         cost = torch.linalg.vector_norm(x[rows] - y[cols], dim=1) / self.expr_scale
         if self.uses_positions:
@@ -243,13 +287,13 @@ class BlockCost:
                 cost = cost + self.spatial_weight / self.spatial_scale_um * dist
             if self.max_distance_um is not None:
                 cost = torch.where(dist > self.max_distance_um, math.inf, cost)
-        return cost.numpy()
+        return cost.cpu().numpy()
 
     def dense(self) -> np.ndarray:
         """The whole (n, m) cost matrix as float64 numpy (small problems: tests, POT comparisons)."""
         out = np.empty((self.n, self.m), dtype=np.float64)
         for j0, j1, block in self.blocks():
-            out[:, j0:j1] = block.double().numpy().T
+            out[:, j0:j1] = block.double().cpu().numpy().T
         return out
 
 
@@ -276,6 +320,7 @@ class SinkhornResult:
     dtype: str
     blocks: int
     cached_blocks: int
+    absorptions: int = 0  # passes that turned the cached cost blocks into kernels (see module doc)
 
 
 def sinkhorn_log(
@@ -311,12 +356,14 @@ def _sinkhorn(cost: BlockCost, eps: float, tol: float, max_iter: int, check_ever
         raise ValueError(f"omega must be 'auto' or in [1, 2), got {omega!r}")
     if max_iter < 1 or check_every < 1:
         raise ValueError(f"max_iter and check_every must be >= 1, got {max_iter} and {check_every}")
-    n, m, dt = cost.n, cost.m, cost.dtype
+    n, m, dt, dev = cost.n, cost.m, cost.dtype, cost.device
     inv_eps = 1.0 / eps
     log_a, log_b = -math.log(n), -math.log(m)
-    alpha = torch.zeros(n, dtype=dt)  # f / eps
-    beta = torch.zeros(m, dtype=dt)  # g / eps
-    acc = torch.empty(n, dtype=dt)
+    alpha = torch.zeros(n, dtype=dt, device=dev)  # f / eps
+    beta = torch.zeros(m, dtype=dt, device=dev)  # g / eps
+    acc = torch.empty(n, dtype=dt, device=dev)
+    alpha0: torch.Tensor | None = None  # alpha when the cached kernels were absorbed
+    absorptions = 0
     alpha_exact = False  # whether alpha is the exact row fit of the current beta
     tuned = not auto
     errors: dict[int, float] = {}  # iteration -> marginal error of the plan (alpha, beta) then
@@ -329,30 +376,48 @@ def _sinkhorn(cost: BlockCost, eps: float, tol: float, max_iter: int, check_ever
         if it == max_iter and not measuring:
             break
         beta_before = beta.clone() if measuring else beta
-        error = 0.0
+        fits = _ColumnFits(beta, log_b, w, measuring, final=it == max_iter)
         acc.fill_(-math.inf)
         fast = step_spread <= FAST_SPREAD  # see _row_update_from_columns
-        step_low, step_high = math.inf, -math.inf
-        for j0, j1, block in cost.blocks():
-            work = cost.work[: j1 - j0]
+        delta = None  # alpha - alpha0 while the cached kernels can be used
+        if fast and alpha0 is not None and cost._holds_kernels():
+            delta = alpha - alpha0
+            low, high = torch.aminmax(delta)
+            if float(high) - float(low) > KERNEL_SPREAD:
+                delta = None
+        absorb = KERNEL_CACHE and fast and delta is None and not fits.final
+        rows = _RowSums(n, dt, dev) if delta is not None else None
+        if delta is not None:
+            shift = float(delta.max())
+            col_weight = torch.exp(delta - shift)
+        for k, j0, j1, block, cached in cost._slots(keep_kernels=delta is not None):
+            if delta is not None and cached:
+                _sweep_kernel_block(block, cost._kernel[k], j0, col_weight, shift, fits, rows)
+                continue
+            into_cache = absorb and cached  # this block becomes its kernel, in place
+            work = block if into_cache else cost.work[: j1 - j0]
             torch.add(alpha[None, :], block, alpha=-inv_eps, out=work)
-            lse_col, peak = _lse_(work, dim=1)  # log of the column sums of P, up to beta
-            if measuring:
-                error += float((torch.exp(beta[j0:j1] + lse_col) - 1.0 / m).abs().sum())
-                if it == max_iter:
-                    continue
-            new_beta = log_b - lse_col
-            if w != 1.0:
-                new_beta = (1.0 - w) * beta[j0:j1] + w * new_beta
-            step = new_beta - beta[j0:j1]
-            step_low, step_high = min(step_low, float(step.min())), max(step_high, float(step.max()))
-            beta[j0:j1] = new_beta
-            if fast:  # work holds exp(alpha_i - C_ij / eps - peak_j): one matrix-vector product
-                torch.logaddexp(acc, _row_update_from_columns(work, new_beta + peak), out=acc)
-            else:
-                torch.add(beta[j0:j1, None], block, alpha=-inv_eps, out=work)
-                torch.logaddexp(acc, _lse_(work, dim=0)[0], out=acc)
-        step_spread = step_high - step_low
+            lse_col, peak = _lse_(work, dim=1, floor=KERNEL_FLOOR if into_cache else EXP_FLOOR)
+            new_beta = fits.fit(j0, j1, lse_col)  # lse_col: log of the column sums of P, up to beta
+            if new_beta is not None:
+                if fast:  # work holds exp(alpha_i - C_ij / eps - peak_j): one matrix-vector product
+                    torch.logaddexp(acc, _row_update_from_columns(work, new_beta + peak), out=acc)
+                else:
+                    torch.add(beta[j0:j1, None], block, alpha=-inv_eps, out=work)
+                    torch.logaddexp(acc, _lse_(work, dim=0)[0], out=acc)
+            if into_cache:
+                dead = torch.isneginf(lse_col)  # columns with no finite cost: their sums stay 0
+                cost._kernel[k] = (peak, dead if bool(dead.any()) else None)
+        if absorb and cost._holds_kernels():
+            alpha0 = alpha.clone()
+            absorptions += 1
+            logger.debug("sinkhorn: iteration %d absorbed the cached blocks into kernels", it)
+        if rows is not None:
+            assert delta is not None
+            torch.logaddexp(acc, rows.log() + delta, out=acc)
+        error = fits.error()
+        if not fits.final:
+            step_spread = fits.step_spread()
 
         if measuring:
             if not math.isfinite(error) and w == 1.0:
@@ -365,7 +430,7 @@ def _sinkhorn(cost: BlockCost, eps: float, tol: float, max_iter: int, check_ever
             if best is None or error < best[0]:
                 best = (error, alpha.clone(), beta_before.clone())
             if error < tol:
-                return _result(alpha, beta_before, eps, tol, it, error, True, w, cost)
+                return _result(alpha, beta_before, eps, tol, it, error, True, w, cost, absorptions)
             if it == max_iter:
                 break
             if not math.isfinite(error) or (w > 1.0 and error > last_error):
@@ -406,21 +471,115 @@ def _sinkhorn(cost: BlockCost, eps: float, tol: float, max_iter: int, check_ever
         SinkhornWarning,
         stacklevel=3,
     )
-    return _result(best_alpha, best_beta, eps, tol, max_iter, error, False, w, cost)
+    return _result(best_alpha, best_beta, eps, tol, max_iter, error, False, w, cost, absorptions)
 
 
-def _lse_(work: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+class _ColumnFits:
+    """The g updates of one pass, column slice by column slice, with the pass's marginal error and
+    step spread kept as tensors (read once per pass: no device synchronisation per block)."""
+
+    def __init__(self, beta: torch.Tensor, log_b: float, w: float, measuring: bool, final: bool):
+        self.beta, self.log_b, self.w = beta, log_b, w
+        self.measuring, self.final = measuring, final
+        self.m = len(beta)
+        self._errors: list[torch.Tensor] = []
+        self._low: list[torch.Tensor] = []
+        self._high: list[torch.Tensor] = []
+
+    def fit(self, j0: int, j1: int, lse_col: torch.Tensor) -> torch.Tensor | None:
+        """Update beta[j0:j1] from lse_col = log sum_i exp(alpha_i - C_ij / eps); return the new
+        slice (None in the final, measure-only pass)."""
+        old = self.beta[j0:j1]
+        if self.measuring:  # column sums of the current plan: the marginal error, for free
+            self._errors.append((torch.exp(old + lse_col) - 1.0 / self.m).abs().sum(dtype=torch.float64))
+            if self.final:
+                return None
+        new = self.log_b - lse_col
+        if self.w != 1.0:
+            new = (1.0 - self.w) * old + self.w * new
+        low, high = torch.aminmax(new - old)
+        self._low.append(low)
+        self._high.append(high)
+        old.copy_(new)
+        return new
+
+    def error(self) -> float:
+        return float(torch.stack(self._errors).sum()) if self._errors else 0.0
+
+    def step_spread(self) -> float:
+        return float(torch.stack(self._high).max() - torch.stack(self._low).min())
+
+
+class _RowSums:
+    """sum_j K_ji exp(v_j) over the chunks of a pass, accumulated linearly against the running
+    maximum of v (one matrix-vector product per chunk instead of a log-sum-exp of n terms)."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
+        self.total = torch.zeros(n, dtype=dtype, device=device)
+        self.ref = -math.inf
+
+    def add(self, kernel: torch.Tensor, log_weight: torch.Tensor) -> None:
+        top = float(log_weight.max())
+        if top == -math.inf:
+            return
+        if top > self.ref:
+            if self.ref > -math.inf:
+                self.total.mul_(math.exp(self.ref - top))
+            self.ref = top
+        relative = log_weight - self.ref
+        weight = torch.exp(relative)
+        if weight.dtype == torch.float32:  # as in _row_update_from_columns
+            weight = torch.where(relative < -27.0, torch.zeros_like(weight), weight)
+        self.total.addmv_(kernel.T, weight)
+
+    def log(self) -> torch.Tensor:
+        return self.total.log().add_(self.ref)
+
+
+def _sweep_kernel_block(kernel: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor | None] | None, j0: int,
+                        col_weight: torch.Tensor, shift: float, fits: _ColumnFits, rows: _RowSums | None) -> None:
+    """One pass over a cached block holding K_ji = exp(max(alpha0_i - C_ij / eps - peak_j, -KERNEL_FLOOR)).
+
+    col_weight = exp(alpha - alpha0 - shift) (max 1), so the column log-sums of P up to beta are
+    log(K col_weight) + shift + peak: one matrix-vector product; the row sums of P with the new
+    beta are one more, K^T exp(beta + peak), added to `rows` (the caller adds alpha - alpha0).
+    On CPU the block is swept in chunks of KERNEL_CHUNK_BYTES, so that the second product reads
+    the chunk from cache. Precision: a kernel entry clamped at e^-80 of its column's largest
+    (at alpha0) weighs at most e^(-80 + KERNEL_SPREAD) = e^-60 of the column sum now (n e^-60
+    for a whole column, as for a log-sum-exp), and the bound of _row_update_from_columns holds
+    with 80 - KERNEL_SPREAD = 60 in place of its 60 (m^2 e^-50: under 1e-8 up to m = 10^7).
+    """
+    assert held is not None
+    peak, dead = held
+    c = kernel.shape[0]
+    if kernel.device.type == "cpu":
+        chunk = max(1, KERNEL_CHUNK_BYTES // (kernel.element_size() * kernel.shape[1]))
+    else:
+        chunk = c
+    for s0 in range(0, c, chunk):
+        s1 = min(c, s0 + chunk)
+        part, part_peak = kernel[s0:s1], peak[s0:s1]
+        lse_col = torch.mv(part, col_weight).log_().add_(part_peak).add_(shift)
+        if dead is not None:
+            lse_col.masked_fill_(dead[s0:s1], -math.inf)
+        new_beta = fits.fit(j0 + s0, j0 + s1, lse_col)
+        if new_beta is not None and rows is not None:
+            rows.add(part, new_beta + part_peak)
+
+
+def _lse_(work: torch.Tensor, dim: int, floor: float = EXP_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """log-sum-exp of `work` along `dim` and the shift used; `work` is left holding exp(work - shift).
 
     After subtracting the maximum (the shift; 0 for all -inf slices, whose result is -inf),
-    terms are clamped at -EXP_FLOOR before exp: they add at most n * exp(-60) ~ 1e-26 * n
-    relative to the largest term, and torch's vectorised exp is ~6x slower on arguments below
-    about -87 (where float32 underflows), which are most entries of a sharp plan.
+    terms are clamped at -floor (EXP_FLOOR = 60) before exp: they add at most n * exp(-60) ~
+    1e-26 * n relative to the largest term, and torch's vectorised exp is ~6x slower on arguments
+    below about -87 (where float32 underflows), which are most entries of a sharp plan. Blocks
+    that become cached kernels use KERNEL_FLOOR = 80 (see _sweep_kernel_block).
     """
     peak = work.amax(dim=dim, keepdim=True)
     finite = torch.isfinite(peak)
     peak = torch.where(finite, peak, torch.zeros_like(peak))
-    work.sub_(peak).clamp_(min=-EXP_FLOOR).exp_()
+    work.sub_(peak).clamp_(min=-floor).exp_()
     out = work.sum(dim=dim).log_().add_(peak.squeeze(dim))
     return torch.where(finite.squeeze(dim), out, -math.inf), peak.squeeze(dim)
 
@@ -447,10 +606,10 @@ def _row_update_from_columns(stabilised: torch.Tensor, log_weight: torch.Tensor)
     return torch.mv(stabilised.T, weight).log_().add_(top)
 
 
-def _result(alpha, beta, eps, tol, n_iter, error, converged, w, cost: BlockCost) -> SinkhornResult:
+def _result(alpha, beta, eps, tol, n_iter, error, converged, w, cost: BlockCost, absorptions: int) -> SinkhornResult:
     return SinkhornResult(
-        f=alpha.double().numpy() * eps,
-        g=beta.double().numpy() * eps,
+        f=alpha.double().cpu().numpy() * eps,
+        g=beta.double().cpu().numpy() * eps,
         eps=eps,
         tol=tol,
         n_iter=int(n_iter),
@@ -460,6 +619,7 @@ def _result(alpha, beta, eps, tol, n_iter, error, converged, w, cost: BlockCost)
         dtype=str(cost.dtype).replace("torch.", ""),
         blocks=cost.n_blocks,
         cached_blocks=cost.n_cached_blocks,
+        absorptions=absorptions,
     )
 
 
@@ -493,13 +653,15 @@ def summarize_plan(cost: BlockCost, result: SinkhornResult) -> PlanSummary:
 
 def _summarize_plan(cost: BlockCost, result: SinkhornResult) -> PlanSummary:
     inv_eps = 1.0 / result.eps
-    alpha = torch.as_tensor(result.f * inv_eps, dtype=cost.dtype)
-    beta = torch.as_tensor(result.g * inv_eps, dtype=cost.dtype)
-    best = torch.full((cost.n,), -math.inf, dtype=cost.dtype)
-    arg = torch.zeros(cost.n, dtype=torch.int64)
-    row_mass = torch.zeros(cost.n, dtype=torch.float64)
-    col_mass = torch.zeros(cost.m, dtype=torch.float64)
-    plan = torch.empty_like(cost.work)
+    dev = cost.device
+    alpha = torch.as_tensor(result.f * inv_eps, dtype=cost.dtype, device=dev)
+    beta = torch.as_tensor(result.g * inv_eps, dtype=cost.dtype, device=dev)
+    best = torch.full((cost.n,), -math.inf, dtype=cost.dtype, device=dev)
+    arg = torch.zeros(cost.n, dtype=torch.int64, device=dev)
+    row_mass = torch.zeros(cost.n, dtype=torch.float64, device=dev)
+    col_mass = torch.zeros(cost.m, dtype=torch.float64, device=dev)
+    # the plan block: the spatial-distance buffer is free once a block has been served
+    plan = cost._sbuf if cost.uses_positions else torch.empty_like(cost.work)
     plogp = 0.0
     for j0, j1, block in cost.blocks():
         c = j1 - j0
@@ -522,10 +684,10 @@ def _summarize_plan(cost: BlockCost, result: SinkhornResult) -> PlanSummary:
     # log P = alpha + beta - C / eps, so <P, C> = eps * (sum_i alpha_i r_i + sum_j beta_j c_j - sum P log P)
     transport = result.eps * (float(a64 @ row_mass) + float(b64 @ col_mass) - plogp)
     return PlanSummary(
-        target=arg.numpy(),
-        plan_value=np.exp(best.double().numpy()),
-        row_mass=row_mass.numpy(),
-        col_mass=col_mass.numpy(),
+        target=arg.cpu().numpy(),
+        plan_value=np.exp(best.double().cpu().numpy()),
+        row_mass=row_mass.cpu().numpy(),
+        col_mass=col_mass.cpu().numpy(),
         transport_cost=transport,
         entropy=-plogp,
         total_mass=float(row_mass.sum()),

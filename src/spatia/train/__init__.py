@@ -10,12 +10,11 @@ AnnData are described in docs/training.md.
 
 from spatia.train.checkpoints import CheckpointInfo, architecture_differences, load_model, read_checkpoint
 from spatia.train.data import BatchPosition, MistDataModule, ResumableBatchSampler, embedding_batches
-from spatia.train.embed import EMBEDDING_KEYS, EmbedResult, embed_dataset, embed_model
-from spatia.train.module import STAGES, SpatiaPretrainModule, Stage, check_train_config, lr_factor
+from spatia.train.embed import EmbedResult, embed_dataset, embed_model
+from spatia.train.module import STAGES, SpatiaPretrainModule, Stage, check_train_config, lr_scheduler
 from spatia.train.pretrain import PretrainResult, pretrain
 
 __all__ = [
-    "EMBEDDING_KEYS",
     "STAGES",
     "BatchPosition",
     "CheckpointInfo",
@@ -31,7 +30,7 @@ __all__ = [
     "embed_model",
     "embedding_batches",
     "load_model",
-    "lr_factor",
+    "lr_scheduler",
     "pretrain",
     "read_checkpoint",
 ]

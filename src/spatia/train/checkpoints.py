@@ -1,4 +1,9 @@
-"""Reading SPATIA training checkpoints.
+"""Writing and reading SPATIA training checkpoints.
+
+Writing: `AtomicCheckpointIO` (the trainer's checkpoint IO plugin) writes each checkpoint as
+the rest of spatia writes files: to a temporary name in the checkpoint's own directory, fsync,
+rename; the previous `last.ckpt` stays whole until the new one is complete, whatever the
+filesystem (Lightning's own IO goes through the system temp folder and copies across).
 
 A checkpoint is a Lightning `.ckpt` file (model, optimiser, scheduler, loop and callback state,
 for exact resume) with a `"spatia"` entry written by `SpatiaPretrainModule.on_save_checkpoint`:
@@ -15,13 +20,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from spatia.errors import ConfigError, DatasetError, InputDataError
 from spatia.model import SpatiaConfig, SpatiaModel, config_from_dict
+from spatia.outputs import save_torch_atomic
 from spatia.train.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 
 # config sections that do not change the network's parameters or what it computes
 NON_ARCHITECTURE_SECTIONS = ("train", "loss")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that never leaves a partial checkpoint under its final name.
+
+    The bytes go to ``.<name>.tmp-<pid>`` in the target directory, are fsynced, then renamed over
+    the target (atomic on one filesystem); on any failure (a full disk, a kill) the temporary
+    file is removed where possible and the previous checkpoint of that name is untouched."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        save_torch_atomic(checkpoint, path)
 
 
 @dataclass

@@ -281,3 +281,69 @@ class EmbeddingDataset(Dataset):
         batch["cell_row"] = torch.from_numpy(plan.cell_rows.copy())
         batch["keep"] = torch.from_numpy(plan.keep.copy())
         return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics the config takes from the data
+# ---------------------------------------------------------------------------------------------
+
+TOKEN_CAP_PERCENTILE = 99.0
+"""`gene.max_tokens` from the data: this percentile of nonzero measured genes per train cell."""
+
+STATISTICS_CELLS = 1000
+"""Train cells read (a seeded random sample) to measure the statistics."""
+
+
+class DatasetStatistics(NamedTuple):
+    """What `resolve_data_config` fills in: the gene-token cap and the cell-crop pixel stats."""
+
+    token_cap: int
+    pixel_mean: float
+    pixel_std: float
+    n_cells: int
+
+
+def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, seed: int = 0) -> DatasetStatistics:
+    """Measure, on a seeded sample of up to `n_cells` train cells of a MIST dataset: the
+    `TOKEN_CAP_PERCENTILE` percentile of nonzero measured genes per cell (rounded up, at least
+    1) and the mean and standard deviation of the cell-crop pixels (in [0, 1], every pixel)."""
+    from spatia.mist.datasets import CellDataset
+
+    cells = CellDataset(root, split="train")
+    if len(cells) == 0:
+        raise ConfigError("the dataset has no train cells to measure the gene-token cap and pixel statistics on",
+                          path=root, fix="rebuild it with a train split, or set gene.max_tokens, image.pixel_mean "
+                          "and image.pixel_std in the config")
+    rows = np.random.default_rng(seed).permutation(len(cells))[:n_cells]
+    nonzero = np.empty(len(rows))
+    total = total_sq = 0.0
+    n_pixels = 0
+    for i, row in enumerate(rows):
+        item = cells[int(row)]
+        nonzero[i] = float(((item["cell_counts"] > 0) & item["cell_gene_measured"]).sum())
+        pixels = item["cell_image"].double()
+        total += float(pixels.sum())
+        total_sq += float((pixels * pixels).sum())
+        n_pixels += pixels.numel()
+    mean = total / n_pixels
+    std = max((total_sq / n_pixels - mean * mean) ** 0.5, 1e-3)
+    cap = max(int(np.ceil(np.percentile(nonzero, TOKEN_CAP_PERCENTILE))), 1)
+    return DatasetStatistics(cap, float(mean), float(std), len(rows))
+
+
+def resolve_data_config(config, root: str | Path, *, seed: int = 0):
+    """The config with its data-measured keys filled in (those left null): `gene.max_tokens`,
+    `image.pixel_mean` and `image.pixel_std` (see `dataset_statistics`). Unchanged when all are set."""
+    import dataclasses
+
+    image, gene = config.image, config.gene
+    if gene.max_tokens is not None and image.pixel_mean is not None and image.pixel_std is not None:
+        return config
+    stats = dataset_statistics(root, seed=seed)
+    log.info("from %d train cells of %s: gene-token cap %d (p%g of nonzero genes per cell), pixel mean %.4f, "
+             "std %.4f", stats.n_cells, root, stats.token_cap, TOKEN_CAP_PERCENTILE, stats.pixel_mean, stats.pixel_std)
+    image = dataclasses.replace(
+        image, pixel_mean=round(stats.pixel_mean, 6) if image.pixel_mean is None else image.pixel_mean,
+        pixel_std=round(stats.pixel_std, 6) if image.pixel_std is None else image.pixel_std)
+    gene = dataclasses.replace(gene, max_tokens=stats.token_cap if gene.max_tokens is None else gene.max_tokens)
+    return dataclasses.replace(config, image=image, gene=gene)

@@ -39,13 +39,11 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from spatia.errors import ConfigError
+from spatia.keys import EMBEDDING_KEY_OF_OUTPUT, LEVELS, SPATIAL_KEY, SPLIT_NAMES, UNS_KEY
 from spatia.model import MODALITIES
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_KEYS = {"z": "X_spatia", "z_cell": "X_spatia_cell", "z_niche": "X_spatia_niche",
-                  "z_tissue": "X_spatia_tissue"}
-SPLIT_CHOICES = ("train", "val", "test", "buffer")
 SHARD_ENV = "SPATIA_EMBED_SHARD_DIR"
 
 
@@ -78,7 +76,7 @@ class EmbedModule(L.LightningModule):
         rows = batch.pop("cell_row")
         out = self.model.embed(batch, modality=self.modality, levels=self.levels)
         result: dict[str, Any] = {"row": rows[keep].cpu().numpy()}
-        for attr in EMBEDDING_KEYS:
+        for attr in EMBEDDING_KEY_OF_OUTPUT:
             value = getattr(out, attr)
             if value is not None:
                 result[attr] = value[keep].float().cpu().numpy()
@@ -219,7 +217,7 @@ def embed_model(
     model,
     out: str | Path | None = None,
     *,
-    levels: tuple[str, ...] = ("cell", "niche", "tissue"),
+    levels: tuple[str, ...] = LEVELS,
     modality: str = "both",
     splits: list[str] | tuple[str, ...] | None = None,
     batch_cells: int = 512,
@@ -255,9 +253,9 @@ def embed_model(
     if modality not in MODALITIES:
         raise ConfigError(f"unknown modality {modality!r}", fix=f"use one of {', '.join(MODALITIES)}")
     if splits:
-        unknown = [s for s in splits if s not in SPLIT_CHOICES]
+        unknown = [s for s in splits if s not in SPLIT_NAMES]
         if unknown:
-            raise ConfigError(f"unknown split(s) {unknown}", fix=f"use some of {', '.join(SPLIT_CHOICES)}, or none for all")
+            raise ConfigError(f"unknown split(s) {unknown}", fix=f"use some of {', '.join(SPLIT_NAMES)}, or none for all")
     rank_zero = env_rank_is_zero()
     if out is not None and rank_zero:
         refuse_existing(out, what="embedding file")
@@ -354,11 +352,11 @@ def _assemble(parts: list[dict[str, Any]], context, config, levels, provenance: 
 
     var = pd.DataFrame({"n_slides_measured": measured}, index=pd.Index(context.genes))
     adata = ad.AnnData(X=counts, obs=obs, var=var)
-    for attr, key in EMBEDDING_KEYS.items():
+    for attr, key in EMBEDDING_KEY_OF_OUTPUT.items():
         if attr in parts[0]:
             adata.obsm[key] = np.concatenate([p[attr] for p in parts])[order].astype(np.float32)
-    adata.obsm["spatial"] = obs[["x_centroid_um", "y_centroid_um"]].to_numpy(dtype=np.float64)
-    adata.uns["spatia"] = {
+    adata.obsm[SPATIAL_KEY] = obs[["x_centroid_um", "y_centroid_um"]].to_numpy(dtype=np.float64)
+    adata.uns[UNS_KEY] = {
         "command": "embed",
         "version": version,
         "checkpoint": "",

@@ -8,11 +8,13 @@
 2. the cell is embedded with its multi-scale context exactly as `spatia embed` does (whole
    tissue regions per batch, no masking, no dropout; other cells of its niche and region keep
    all their genes, as they would for a user imputing one cell);
-3. the cell-level gene decoder reads the unified embedding `z` and predicts, for each held-out
-   gene, the normalised expression `log1p(count / total * target_sum)` it was trained on;
-4. the prediction is turned back into expected raw counts: `expm1(v) * total / target_sum`,
-   with the full library size estimated as `visible_total / (1 - f)` where `f` is the predicted
-   fraction of the library in the held-out genes (clipped to 0.9).
+3. the cell-level gene decoder (the head trained with the negative-binomial loss) reads the
+   unified embedding `z` and gives each gene of the cell's full panel (held-out genes included)
+   its expected share of the library, `softmax(logits over the panel)`;
+4. the expected raw count of a held-out gene is its share times the full library, estimated as
+   `visible_total / (1 - f)` where `visible_total` is the cell's visible measured counts and `f`
+   the predicted share of the held-out genes (clipped to 0.9): the negative-binomial mean the
+   model was trained to predict.
 
 It implements the evaluation's `Imputer` contract (`spatia.evaluate.baselines`):
 ``imputer(counts, held_out_mask, obs_names) -> predicted raw counts`` with ``counts`` the
@@ -31,6 +33,7 @@ import scipy.sparse as sp
 import torch
 
 from spatia.errors import InputDataError
+from spatia.keys import LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class GeneDecoderImputer:
         source: where the model came from (named in error messages).
     """
 
-    def __init__(self, model, dataset: str | Path, gene_names, *, levels: tuple[str, ...] = ("cell", "niche", "tissue"),
+    def __init__(self, model, dataset: str | Path, gene_names, *, levels: tuple[str, ...] = LEVELS,
                  batch_cells: int = 512, device: str | torch.device = "cpu", source: str | Path = "<model in memory>"):
         from spatia.mist.datasets import MultiScaleDataset
         from spatia.model import check_levels
@@ -112,38 +115,41 @@ class GeneDecoderImputer:
         predicted = counts.toarray().astype(np.float64)
         plans = embedding_batches(self.context, query_of_row >= 0, self.batch_cells)
         batches = EmbeddingDataset(self.context, plans)
-        target_sum = float(self.model.config.gene.target_sum)
         was_training = self.model.training
         self.model.eval()
         try:
             for i in range(len(batches)):
-                self._impute_batch(batches[i], query_of_row, counts, held_out_mask, predicted, target_sum)
+                self._impute_batch(batches[i], query_of_row, counts, held_out_mask, predicted)
         finally:
             self.model.train(was_training)
         return predicted
 
     def _impute_batch(self, batch: dict[str, Any], query_of_row: np.ndarray, counts: sp.csr_matrix,
-                      held_out_mask: np.ndarray, predicted: np.ndarray, target_sum: float) -> None:
+                      held_out_mask: np.ndarray, predicted: np.ndarray) -> None:
         """Impute the queried cells of one embedding batch into `predicted` (Q, G), in place."""
+        from spatia.model.decoders import gene_proportions
+
         batch.pop("keep")
         queries = query_of_row[batch.pop("cell_row").numpy()]
         in_batch = np.flatnonzero(queries >= 0)
         queries = queries[in_batch]
+        panel = batch["cell_gene_measured"].bool()[torch.from_numpy(in_batch)].clone()
         self._hide(batch, in_batch, queries, counts, held_out_mask)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        rows = torch.from_numpy(in_batch).to(self.device)
         with torch.no_grad():
-            z = self.model.embed(batch, levels=self.levels).z[torch.from_numpy(in_batch).to(self.device)]
-            held = held_out_mask[queries]
-            # each cell's held-out genes, left-aligned (columns of the counts, padded with column 0)
-            order = np.argsort(~held, axis=1, kind="stable")[:, : max(int(held.sum(axis=1).max(initial=0)), 1)]
-            valid = np.take_along_axis(held, order, axis=1)
-            index = torch.from_numpy(self.gene_columns[order]).to(self.device)
-            predicted_norm = self.model.gene_decoder(z, "cell", index).float().cpu().numpy().astype(np.float64)
-        fraction = np.where(valid, np.expm1(predicted_norm).clip(min=0.0) / target_sum, 0.0)
-        held_share = np.minimum(fraction.sum(axis=1), MAX_HELD_OUT_FRACTION)
-        visible_total = np.where(held, 0.0, counts[queries].toarray()).sum(axis=1)
-        cell_of = np.broadcast_to(queries[:, None], order.shape)
-        predicted[cell_of[valid], order[valid]] = (fraction * (visible_total / (1.0 - held_share))[:, None])[valid]
+            z = self.model.embed(batch, levels=self.levels).z[rows]
+            share = gene_proportions(self.model.gene_decoder(z, "cell"), panel.to(self.device))
+            visible = batch["cell_gene_measured"][rows].bool()
+            visible_total = torch.where(visible, batch["cell_counts"][rows].float(), 0.0).sum(dim=1)
+        share = share.cpu().numpy().astype(np.float64)[:, self.gene_columns]       # (q, genes of the counts)
+        held = held_out_mask[queries]
+        held_share = np.minimum(np.where(held, share, 0.0).sum(axis=1), MAX_HELD_OUT_FRACTION)
+        library = visible_total.cpu().numpy().astype(np.float64) / (1.0 - held_share)
+        values = share * library[:, None]
+        block = predicted[queries]
+        block[held] = values[held]
+        predicted[queries] = block
 
     def _hide(self, batch: dict[str, Any], in_batch: np.ndarray, queries: np.ndarray, counts: sp.csr_matrix,
               held_out_mask: np.ndarray) -> None:

@@ -21,7 +21,6 @@ uninterrupted run would have drawn. Validation uses fixed draws (seed, batch ind
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,16 +86,23 @@ def check_train_config(config: SpatiaConfig) -> None:
         fail("grad_clip_norm", f"must be 0 (off) or positive, not {train.grad_clip_norm}", "use e.g. 1.0")
 
 
-def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the base learning rate at optimiser step `step` (0-based): linear warm-up
-    over `warmup_steps`, then constant or a cosine decay to `min_ratio` at `max_steps`."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+def lr_scheduler(optimizer: torch.optim.Optimizer, *, max_steps: int, warmup_steps: int, schedule: str,
+                 min_ratio: float) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's schedulers, stepped once per optimiser step: `LinearLR` warm-up from
+    1/warmup_steps of the base rate over `warmup_steps`, then `CosineAnnealingLR` down to
+    `min_ratio` x the base rate at `max_steps` (or `ConstantLR` at the base rate), joined by
+    `SequentialLR`."""
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
     if schedule == "constant":
-        return 1.0
-    span = max(max_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0) / span, 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        main = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        base = optimizer.param_groups[0]["lr"]
+        main = CosineAnnealingLR(optimizer, T_max=max(max_steps - warmup_steps, 1), eta_min=base * min_ratio)
+    if warmup_steps <= 0:
+        return main
+    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -212,11 +218,8 @@ class SpatiaPretrainModule(L.LightningModule):
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
         trainer = self._trainer
         max_steps = int(trainer.max_steps) if trainer is not None and trainer.max_steps > 0 else train.max_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(step, max_steps=max_steps, warmup_steps=train.warmup_steps,
-                                   schedule=train.lr_schedule, min_ratio=train.min_lr_ratio),
-        )
+        scheduler = lr_scheduler(optimizer, max_steps=max_steps, warmup_steps=train.warmup_steps,
+                                 schedule=train.lr_schedule, min_ratio=train.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

@@ -35,13 +35,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from spatia.errors import ConfigError, OutputExistsError
 from spatia.model import SpatiaConfig, config_from_dict, load_config
 from spatia.outputs import atomic_output, write_run_record
 from spatia.train.checkpoints import (
+    AtomicCheckpointIO,
     check_architecture,
     config_differences,
     check_vocabulary,
@@ -183,40 +182,51 @@ def _write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def _trim_metrics(csv_path: Path, step: int) -> None:
-    """Drop rows logged at or after `step` (work lost with the interruption; a resumed run
-    logs the same steps again)."""
+METRICS_FILE = "metrics.csv"
+
+
+def _read_metrics(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a metrics CSV, values kept as the exact strings written."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _write_metrics(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    with atomic_output(path, overwrite=True) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _set_aside_metrics(out_dir: Path, step: int) -> Path | None:
+    """On resume: keep the rows of `logs/metrics.csv` logged before `step` (work lost with the
+    interruption is logged again) in a file beside the logs, and remove the original, so that
+    Lightning's CSVLogger starts a fresh one. `_merge_metrics` puts them back together."""
+    csv_path = out_dir / LOG_DIR / METRICS_FILE
     if not csv_path.is_file():
-        return
-    import pandas as pd
-
-    table = pd.read_csv(csv_path)
-    if "step" in table.columns:
-        kept = table[table["step"] < step]
-        with atomic_output(csv_path, overwrite=True) as tmp:
-            kept.to_csv(tmp, index=False)
-
-
-class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing `metrics.csv` (a resumed run) and its columns instead of deleting it."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
-                header = next(csv.reader(handle), [])
-            self.metrics_keys = sorted(header)
+        return None
+    header, rows = _read_metrics(csv_path)
+    if "step" in header:
+        rows = [row for row in rows if row["step"] == "" or float(row["step"]) < step]
+    aside = out_dir / f"metrics.before-step{step}.csv"
+    _write_metrics(aside, header, rows)
+    csv_path.unlink()
+    return aside
 
 
-class AppendingCSVLogger(CSVLogger):
-    """Lightning's `CSVLogger`, appending to an existing `metrics.csv` (resumed runs)."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+def _merge_metrics(out_dir: Path, aside: Path) -> None:
+    """Prepend the rows set aside at resume to the resumed run's `logs/metrics.csv` (values
+    copied as written, columns the union of both files')."""
+    csv_path = out_dir / LOG_DIR / METRICS_FILE
+    header, rows = _read_metrics(aside)
+    if csv_path.is_file():
+        new_header, new_rows = _read_metrics(csv_path)
+        header = sorted(set(header) | set(new_header))
+        rows = rows + new_rows
+    _write_metrics(csv_path, header, rows)
+    aside.unlink()
 
 
 class _SaveLastAtEnd(Callback):
@@ -284,7 +294,7 @@ def pretrain(
     Returns:
         `PretrainResult` with the checkpoints, the final global step and the last logged metrics.
     """
-    from spatia.train.data import MistDataModule, split_has_cells
+    from spatia.train.data import MistDataModule, resolve_data_config, split_has_cells
 
     dataset = Path(dataset)
     out_dir = Path(out_dir)
@@ -301,9 +311,10 @@ def pretrain(
     # ---- the run directory
     if resume is None:
         if rank_zero and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            last = out_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
             raise OutputExistsError("the run directory already exists and is not empty", path=out_dir,
-                                    fix="choose a new directory, or continue that run with --resume "
-                                    f"{out_dir / CHECKPOINT_DIR / LAST_CHECKPOINT}")
+                                    fix=f"choose a new directory, or continue that run with --resume {last}"
+                                    if last.is_file() else "choose a new directory (it holds no checkpoint to resume)")
     elif not out_dir.is_dir():
         raise ConfigError("the run directory to resume does not exist", path=out_dir,
                           fix="give the -o directory of the interrupted run")
@@ -319,7 +330,7 @@ def pretrain(
             raise ConfigError(f"--stage {stage} differs from the resumed run's stage {info.stage}", path=resume,
                               fix="leave out --stage when resuming, or start a new stage with --from")
         given = info.config if config is None else config if isinstance(config, SpatiaConfig) else load_config(config)
-        resolved = apply_train_overrides(given, train_overrides)
+        resolved = resolve_data_config(apply_train_overrides(given, train_overrides), dataset)
         changed = [k for k in config_differences(resolved, info.config)
                    if not (k.startswith("train.") and k[len("train."):] in RESUME_OVERRIDABLE)]
         if changed:
@@ -335,6 +346,7 @@ def pretrain(
         del checkpoint
         if config is not None:
             base = config if isinstance(config, SpatiaConfig) else load_config(config)
+            base = resolve_data_config(base, dataset)
             check_architecture(base, info.config, checkpoint=Path(init_from))
         else:
             base = info.config
@@ -342,7 +354,7 @@ def pretrain(
         stage_name, gene_source = stage or "joint", info
     else:
         base = config if isinstance(config, SpatiaConfig) else load_config(config or "tiny")
-        resolved = apply_train_overrides(base, train_overrides)
+        resolved = resolve_data_config(apply_train_overrides(base, train_overrides), dataset)
         stage_name, gene_source = stage or "joint", None
     stage_info = get_stage(stage_name)
     check_train_config(resolved)
@@ -370,12 +382,13 @@ def pretrain(
 
     # ---- outputs (rank zero only)
     ckpt_dir = out_dir / CHECKPOINT_DIR
+    metrics_aside: Path | None = None
     if rank_zero:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(out_dir / CONFIG_FILE, resolved.to_yaml())
         _write_text_atomic(out_dir / GENES_FILE, "".join(f"{g}\n" for g in genes))
         if resume is not None:
-            _trim_metrics(out_dir / LOG_DIR / "metrics.csv", resume_step)
+            metrics_aside = _set_aside_metrics(out_dir, resume_step)
         record_name = "spatia_run.json" if resume is None else f"spatia_run.resume-step{resume_step}.json"
         write_run_record(out_dir, command, {
             "dataset": str(dataset), "stage": stage_name, "levels": list(stage_info.levels),
@@ -399,7 +412,7 @@ def pretrain(
                                          save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
     if progress_bar:
         callbacks.append(RichProgressBar(leave=True))
-    logger = AppendingCSVLogger(save_dir=str(out_dir), name="", version=LOG_DIR,
+    logger = CSVLogger(save_dir=str(out_dir), name="", version=LOG_DIR,
                                 flush_logs_every_n_steps=train.log_every_n_steps)
     trainer = L.Trainer(
         accelerator=accel,
@@ -421,6 +434,7 @@ def pretrain(
         use_distributed_sampler=False,
         default_root_dir=str(out_dir),
         benchmark=False,
+        plugins=[AtomicCheckpointIO()],
     )
     log.info("pretraining stage %s (levels %s) on %s: %d steps, precision %s, %s x %s device(s)", stage_name,
              "+".join(stage_info.levels), dataset, train.max_steps, precision, num_nodes, devices)
@@ -432,7 +446,10 @@ def pretrain(
         warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen groups
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+    if rank_zero and metrics_aside is not None:
+        _merge_metrics(out_dir, metrics_aside)
 
     last = ckpt_dir / LAST_CHECKPOINT
     best = ckpt_dir / BEST_CHECKPOINT

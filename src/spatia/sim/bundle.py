@@ -1,4 +1,4 @@
-"""Ground-truth tissue simulator: Xenium-like bundles whose biology is known by design.
+"""`simulate_bundle`: write one simulated section as a Xenium bundle with its ground truth.
 
 `simulate_bundle(out_dir, config, seed)` writes a folder that reads like a 10x Xenium Onboard
 Analysis output (layout v1: morphology_focus.ome.tif; v2: morphology_focus/ per-channel files;
@@ -12,7 +12,7 @@ optional morphology.ome.tif z-stack), plus the truth behind it:
   changes) and morphology shifts, the gene programs and the expression model;
 - spatia_run.json: the resolved configuration, seed and package versions.
 
-The world (see `spatia.io.simulate_config`) is a breast-tumour-like section: tumour nests in
+The world (see `spatia.sim.config`) is a breast-tumour-like section: tumour nests in
 stroma with immune aggregates and vessels, six lineages, fourteen states, and the five
 transitions of the SPATIA paper's appendix D. Same config and seed give byte-identical tables
 and identical image pixels.
@@ -30,24 +30,10 @@ import numpy as np
 import pandas as pd
 
 from spatia.errors import ConfigError
-from spatia.io import simulate_image as image
-from spatia.io.simulate_config import (
-    DomainSpec,
-    MorphologyShift,
-    NucleusMorphology,
-    ResolvedState,
-    SimulationConfig,
-    StateSpec,
-    TransitionSpec,
-    default_domains,
-    default_lineage_programs,
-    default_states,
-    default_transitions,
-    resolve_states,
-    validate_config,
-)
-from spatia.io.simulate_expression import ExpressionModel, assign_clusters, design_expression, simulate_counts
-from spatia.io.simulate_tissue import (
+from spatia.sim import image
+from spatia.sim.config import NucleusMorphology, ResolvedState, SimulationConfig, resolve_states
+from spatia.sim.expression import ExpressionModel, assign_clusters, design_expression, simulate_counts
+from spatia.sim.tissue import (
     CellLayout,
     DomainMap,
     boundary_radii,
@@ -56,7 +42,7 @@ from spatia.io.simulate_tissue import (
     polygon_area,
     polygon_vertices,
 )
-from spatia.io.xenium_writer import (
+from spatia.sim.writer import (
     FEATURE_GENE,
     FEATURE_NEGATIVE_PROBE,
     XeniumBundle,
@@ -66,22 +52,7 @@ from spatia.io.xenium_writer import (
 )
 from spatia.outputs import RUN_RECORD_NAME, atomic_output, write_run_record
 
-__all__ = [
-    "DomainSpec",
-    "MorphologyShift",
-    "NucleusMorphology",
-    "SimulationConfig",
-    "SimulationResult",
-    "StateSpec",
-    "TransitionSpec",
-    "default_domains",
-    "default_lineage_programs",
-    "default_states",
-    "default_transitions",
-    "simulate_bundle",
-    "GROUND_TRUTH_TABLE",
-    "GROUND_TRUTH_JSON",
-]
+__all__ = ["GROUND_TRUTH_JSON", "GROUND_TRUTH_TABLE", "SimulationResult", "simulate_bundle"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +97,7 @@ def simulate_bundle(out_dir: str | Path, config: SimulationConfig | None = None,
     `ConfigError`. Same `config` and `seed` give identical tables and image pixels.
     """
     config = config or SimulationConfig()
-    validate_config(config)
+    config.validate()
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed is {seed!r}; it must be a non-negative integer",
                           fix="use --seed 0 or another integer >= 0")
@@ -201,9 +172,10 @@ def _simulate_into(folder: Path, config: SimulationConfig, seed: int) -> Simulat
         zstack=zstack,
         z_step_um=config.z_step_um,
         tile_px=config.tile_px,
+        segmentation_format=config.segmentation_format,
         experiment={
             "analysis_sw_version": "spatia-simulate",
-            "source": "spatia.io.simulate: simulated section; the truth is in ground_truth.json/.parquet",
+            "source": "spatia.sim: simulated section; the truth is in ground_truth.json/.parquet",
         },
     )
     written = write_xenium_bundle(folder, bundle, uuid_seed=seed)
@@ -354,6 +326,8 @@ def _ground_truth_table(
         "nucleus_intensity": layout.intensity,
         "nucleus_texture": layout.texture,
         "nucleus_spot_count": layout.spot_count,
+        "niche_share": layout.niche_share,
+        "morphology_shift_strength": layout.shift_strength,
         "cell_area_um2": cell_area,
         "z_um": z_um,
         "focal_plane": focal_plane,
@@ -399,11 +373,18 @@ def _ground_truth_world(
                 for g, v in t.de_log2fc.items()
             ],
             "morphology_shift": asdict(t.morphology_shift),
+            "niche_dependence": {
+                "formula": "target morphology = control morphology * scale ** s per feature; s = base_strength + "
+                           "(niche_strength - base_strength) * q, q = share of niche_domain within niche_radius_um "
+                           "of the cell; per cell in ground_truth.parquet (niche_share, morphology_shift_strength)",
+                "niche_domain": t.niche_domain, "niche_strength": t.niche_strength,
+                "base_strength": t.base_strength, "niche_radius_um": t.niche_radius_um,
+            },
             "control_morphology": _morphology_dict(control.morphology),
             "target_morphology": _morphology_dict(target.morphology),
         })
     return {
-        "description": "Designed world of a spatia simulated Xenium bundle (spatia.io.simulate).",
+        "description": "Designed world of a spatia simulated Xenium bundle (spatia.sim).",
         "seed": seed,
         "image": {
             "width_px": canvas.width_px, "height_px": canvas.height_px, "pixel_size_um": canvas.pixel_size_um,

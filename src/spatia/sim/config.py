@@ -10,12 +10,19 @@ resolved configuration can be written next to its outputs and read back by a per
 - `TransitionSpec`: a designed control -> target transition within a lineage (the paper's
   appendix D: EMT, proliferation, lineage conversion, T-cell activation, angiogenesis). The
   target state's expression is the control's plus the transition's DE genes (log2 fold
-  changes) and its nucleus morphology is the control's with the `MorphologyShift` applied.
+  changes) and its nucleus morphology is the control's with the `MorphologyShift` applied,
+  raised to a niche-dependent strength (`TransitionSpec.shift_strength`: set by the share of a
+  domain in the cell's neighbourhood), so the target's morphology depends on where the cell
+  lives, not only on its state.
 - `SimulationConfig`: sizes, layout, image and count model parameters, and the tuples above.
 
 `resolve_states` turns the declared states and transitions into the final per-state morphology
-and programs (targets derived from controls); `validate_config` raises `ConfigError` for
-anything inconsistent.
+and programs (targets derived from controls); `SimulationConfig.validate` raises `ConfigError`
+for anything inconsistent (`spatia.config.load_config` calls it, and refuses unknown keys and
+wrong types).
+
+(About 500 lines, kept as one module: most of it is the declared default world, which reads as
+one specification.)
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import numpy as np
+
 from spatia.errors import ConfigError
 
 Layout = Literal["v1", "v2"]
+SegmentationFormat = Literal["parquet", "zarr", "both", "none"]
 DomainPattern = Literal["matrix", "blobs", "bands"]
 
 
@@ -63,15 +73,16 @@ class MorphologyShift:
     texture_scale: float = 1.0
     spots_scale: float = 1.0
 
-    def apply(self, base: NucleusMorphology) -> NucleusMorphology:
+    def apply(self, base: NucleusMorphology, strength: float = 1.0) -> NucleusMorphology:
+        """The shifted morphology; `strength` raises every scale to that power (0: no change)."""
         return replace(
             base,
-            radius_um=base.radius_um * self.radius_scale,
-            elongation=max(1.0, base.elongation * self.elongation_scale),
-            irregularity=base.irregularity * self.irregularity_scale,
-            intensity=base.intensity * self.intensity_scale,
-            texture=base.texture * self.texture_scale,
-            spots=base.spots * self.spots_scale,
+            radius_um=base.radius_um * self.radius_scale**strength,
+            elongation=max(1.0, base.elongation * self.elongation_scale**strength),
+            irregularity=base.irregularity * self.irregularity_scale**strength,
+            intensity=base.intensity * self.intensity_scale**strength,
+            texture=base.texture * self.texture_scale**strength,
+            spots=base.spots * self.spots_scale**strength,
         )
 
 
@@ -89,7 +100,19 @@ class StateSpec:
 
 @dataclass(frozen=True)
 class TransitionSpec:
-    """A designed control -> target transition within one lineage."""
+    """A designed control -> target transition within one lineage.
+
+    The niche-dependent part: a target cell whose neighbourhood (the disc of radius
+    `niche_radius_um` around it) is a share q of domain `niche_domain` gets its control state's
+    morphology shifted with strength
+
+        s(q) = base_strength + (niche_strength - base_strength) * q
+
+    (every scale of `morphology_shift` raised to the power s; s = 1 is the shift as declared,
+    s = 0 none). A cell's own expression and appearance depend on its own domain only, not on q:
+    what tells the strength apart is the mix of domains around the cell (its niche).
+    `niche_domain=None` gives every target the full shift.
+    """
 
     name: str
     axis: str
@@ -97,6 +120,16 @@ class TransitionSpec:
     target: str
     de_log2fc: dict[str, float]  # gene -> log2 fold change target / control (per unit library)
     morphology_shift: MorphologyShift
+    niche_domain: str | None = None
+    niche_strength: float = 1.0     # s where the neighbourhood is all `niche_domain`
+    base_strength: float = 1.0      # s where it holds none of it
+    niche_radius_um: float = 60.0
+
+    def shift_strength(self, niche_share: np.ndarray) -> np.ndarray:
+        """s(q) above, for shares q in [0, 1] of `niche_domain` around the cells."""
+        if self.niche_domain is None:
+            return np.ones(np.shape(niche_share))
+        return self.base_strength + (self.niche_strength - self.base_strength) * np.asarray(niche_share, np.float64)
 
 
 @dataclass(frozen=True)
@@ -131,12 +164,15 @@ class DomainSpec:
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """All knobs of `spatia.io.simulate.simulate_bundle` (defaults give a breast-tumour-like section)."""
+    """All knobs of `spatia.sim.simulate_bundle` (defaults give a breast-tumour-like section)."""
 
     n_cells: int = 20_000
     n_genes: int = 300
     layout: Layout = "v1"
     z_planes: int = 0  # 0: no morphology.ome.tif z-stack
+    # where the segmentation is written: "parquet" (cell/nucleus_boundaries.parquet), "zarr" (only
+    # cells.zarr.zip, as XOA 2.x-4.x bundles may be), "both", or "none" (no segmentation at all)
+    segmentation_format: SegmentationFormat = "parquet"
     # geometry
     pixel_size_um: float = 0.2125
     cells_per_mm2: float = 9_000.0
@@ -174,6 +210,10 @@ class SimulationConfig:
     states: tuple[StateSpec, ...] = field(default_factory=lambda: default_states())
     transitions: tuple[TransitionSpec, ...] = field(default_factory=lambda: default_transitions())
     lineage_programs: dict[str, dict[str, float]] = field(default_factory=lambda: default_lineage_programs())
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first inconsistent setting and how to fix it."""
+        _validate(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +272,7 @@ def default_transitions() -> tuple[TransitionSpec, ...]:
             {"CEACAM6": 4.0, "VIM": 3.5, "ZEB1": 2.5, "SNAI2": 2.5, "FN1": 3.0, "TWIST1": 2.0, "MMP2": 2.0,
              "SPARC": 2.5, "FOXA1": -2.5, "CDH1": -2.5, "ESR1": -2.0, "GATA3": -2.0, "CLDN4": -1.5},
             MorphologyShift(elongation_scale=1.6, irregularity_scale=1.8, intensity_scale=0.8),
+            niche_domain="stroma", niche_strength=1.8, base_strength=0.3,  # EMT where stroma surrounds
         ),
         TransitionSpec(
             "proliferation_activation", "tumor_progression", "Epi_FOXA1+", "Epi_CENPF+",
@@ -239,12 +280,14 @@ def default_transitions() -> tuple[TransitionSpec, ...]:
              "PGR": -2.0, "TFF1": -1.5, "FOXA1": -1.0},
             MorphologyShift(radius_scale=1.25, elongation_scale=0.9, intensity_scale=1.35, texture_scale=1.8,
                             spots_scale=2.5),
+            niche_domain="tumour", niche_strength=1.6, base_strength=0.4,  # in tumour-rich niches
         ),
         TransitionSpec(
             "lineage_conversion", "tumor_progression", "Epi_FOXA1+", "mgEpi_KRT14+",
             {"KRT14": 4.0, "KRT5": 3.5, "KRT17": 3.0, "TP63": 3.0, "KRT6B": 2.5, "MYLK": 2.0,
              "FOXA1": -3.0, "ESR1": -2.5, "KRT8": -2.0, "AGR2": -2.5, "PGR": -2.0},
             MorphologyShift(radius_scale=0.82, elongation_scale=1.25, intensity_scale=1.25, texture_scale=1.3),
+            niche_domain="stroma", niche_strength=1.6, base_strength=0.4,
         ),
         TransitionSpec(
             "T_cell_activation", "immune_infiltration", "tcm_CD4+T", "eff_CD8+T1",
@@ -252,12 +295,14 @@ def default_transitions() -> tuple[TransitionSpec, ...]:
              "CCL5": 3.0, "CD4": -3.5, "CCR7": -3.0, "SELL": -2.5, "IL7R": -2.0, "TCF7": -2.0, "LEF1": -2.0},
             MorphologyShift(radius_scale=1.3, elongation_scale=1.1, intensity_scale=0.72, texture_scale=0.55,
                             spots_scale=0.5),
+            niche_domain="tumour", niche_strength=1.6, base_strength=0.4,  # activated near tumour
         ),
         TransitionSpec(
             "angiogenesis_activation", "immune_infiltration", "EC_CAVIN2+", "EC_CLEC14A+",
             {"CLEC14A": 4.0, "ESM1": 3.5, "KDR": 3.0, "ANGPT2": 3.0, "APLN": 3.0, "PLVAP": 2.5, "COL4A1": 2.5,
              "CAVIN2": -3.0, "AQP1": -2.5, "ACKR1": -3.0, "SELP": -2.0},
             MorphologyShift(radius_scale=1.22, elongation_scale=0.7, texture_scale=1.7),
+            niche_domain="tumour", niche_strength=1.5, base_strength=0.5,  # tumour-driven
         ),
     )
 
@@ -329,7 +374,7 @@ class ResolvedState:
 
 def resolve_states(config: SimulationConfig) -> tuple[ResolvedState, ...]:
     """Final per-state morphology and programs: transition targets are derived from controls."""
-    validate_config(config)
+    config.validate()
     declared = {s.name: s for s in config.states}
     by_target = {t.target: t for t in config.transitions}
     resolved: dict[str, ResolvedState] = {}
@@ -386,8 +431,8 @@ def _bad(problem: str, fix: str) -> ConfigError:
     return ConfigError(problem, fix=fix)
 
 
-def validate_config(config: SimulationConfig) -> None:
-    """Raise `ConfigError` naming the first inconsistent setting and how to fix it."""
+def _validate(config: SimulationConfig) -> None:
+    """The rules of `SimulationConfig.validate`."""
     if config.n_cells < 50:
         raise _bad(f"n_cells is {config.n_cells}; the simulator needs at least 50 cells", "ask for --cells 50 or more")
     n_designed = len(designed_genes(config))
@@ -398,6 +443,9 @@ def validate_config(config: SimulationConfig) -> None:
         )
     if config.layout not in ("v1", "v2"):
         raise _bad(f"layout {config.layout!r} is not one of 'v1', 'v2'", "use --layout v1 or --layout v2")
+    if config.segmentation_format not in ("parquet", "zarr", "both", "none"):
+        raise _bad(f"segmentation_format {config.segmentation_format!r} is not one of 'parquet', 'zarr', 'both', 'none'",
+                   "use segmentation_format='parquet' (or 'zarr', 'both', 'none')")
     if config.z_planes < 0 or config.z_planes > 64:
         raise _bad(f"z_planes is {config.z_planes}; it must be between 0 (no z-stack) and 64", "use --z-planes 0..64")
     positive = ("pixel_size_um", "cells_per_mm2", "mean_transcripts_per_cell", "nb_inverse_dispersion",
@@ -442,6 +490,13 @@ def validate_config(config: SimulationConfig) -> None:
         if t.name in names:
             raise _bad(f"two transitions are named {t.name!r}", "give every TransitionSpec a unique name")
         names.add(t.name)
+        if min(t.niche_strength, t.base_strength) < 0 or t.niche_radius_um <= 0:
+            raise _bad(f"transition {t.name!r} has niche_strength {t.niche_strength}, base_strength "
+                       f"{t.base_strength}, niche_radius_um {t.niche_radius_um}",
+                       "use non-negative strengths (0 = no shift, 1 = the shift as declared) and niche_radius_um > 0")
+        if t.niche_domain is not None and t.niche_domain not in {d.name for d in config.domains}:
+            raise _bad(f"transition {t.name!r} names unknown niche_domain {t.niche_domain!r}",
+                       "name one of the configured domains, or None")
         for role, state in (("control", t.control), ("target", t.target)):
             if state not in states:
                 raise _bad(f"transition {t.name!r} names unknown {role} state {state!r}",

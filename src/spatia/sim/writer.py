@@ -48,6 +48,7 @@ CELLS_COLUMNS = (
 )
 CLUSTERS_RELPATH = Path("analysis/clustering/gene_expression_graphclust/clusters.csv")
 V2_FOCUS_DIR = "morphology_focus"
+SEGMENTATION_FORMATS = ("parquet", "zarr", "both", "none")
 OME_SCHEMA = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
 ZLIB_LEVEL = 1  # fast; the format (TIFF compression 8, zlib) is the same at every level
 _CELL_ID_LETTERS = np.frombuffer(b"abcdefghijklmnop", dtype=np.uint8)
@@ -335,6 +336,9 @@ class XeniumBundle:
     zstack: optional uint16 (Z, Y, X) DAPI stack written as morphology.ome.tif.
     clusters: optional DataFrame Barcode, Cluster.
     experiment: extra keys merged into experiment.xenium.
+    segmentation_format: where the polygons go: "parquet" (cell_boundaries.parquet,
+      nucleus_boundaries.parquet), "zarr" (only cells.zarr.zip, as some XOA 2.x-4.x bundles),
+      "both", or "none" (a bundle without segmentation).
     """
 
     cells: pd.DataFrame
@@ -352,6 +356,7 @@ class XeniumBundle:
     experiment: dict[str, Any] = field(default_factory=dict)
     write_cells_csv: bool = True
     tile_px: int = 256
+    segmentation_format: str = "parquet"
 
 
 def experiment_payload(bundle: XeniumBundle) -> dict[str, Any]:
@@ -388,16 +393,29 @@ def write_xenium_bundle(out_dir: str | Path, bundle: XeniumBundle, *, uuid_seed:
     out.mkdir(parents=True, exist_ok=True)
     if bundle.layout not in ("v1", "v2"):
         raise ValueError(f"layout must be 'v1' or 'v2', not {bundle.layout!r}")
+    if bundle.segmentation_format not in SEGMENTATION_FORMATS:
+        raise ValueError(f"segmentation_format must be one of {SEGMENTATION_FORMATS}, not {bundle.segmentation_format!r}")
     written: dict[str, Path] = {}
     written["experiment.xenium"] = write_experiment_xenium(out / "experiment.xenium", experiment_payload(bundle))
     written["cells.parquet"] = write_cells_parquet(out / "cells.parquet", bundle.cells)
     if bundle.write_cells_csv:
         written["cells.csv.gz"] = write_cells_csv_gz(out / "cells.csv.gz", bundle.cells)
-    written["cell_boundaries.parquet"] = write_boundaries_parquet(out / "cell_boundaries.parquet",
-                                                                  bundle.cell_boundaries)
-    if bundle.nucleus_boundaries is not None:
-        written["nucleus_boundaries.parquet"] = write_boundaries_parquet(
-            out / "nucleus_boundaries.parquet", bundle.nucleus_boundaries
+    if bundle.segmentation_format in ("parquet", "both"):
+        written["cell_boundaries.parquet"] = write_boundaries_parquet(out / "cell_boundaries.parquet",
+                                                                      bundle.cell_boundaries)
+        if bundle.nucleus_boundaries is not None:
+            written["nucleus_boundaries.parquet"] = write_boundaries_parquet(
+                out / "nucleus_boundaries.parquet", bundle.nucleus_boundaries
+            )
+    if bundle.segmentation_format in ("zarr", "both"):
+        from spatia.sim.segmentation import CELLS_ZARR_FILE, write_cells_zarr_zip
+
+        sets = {"cell": bundle.cell_boundaries}
+        if bundle.nucleus_boundaries is not None:
+            sets["nucleus"] = bundle.nucleus_boundaries
+        written[CELLS_ZARR_FILE] = write_cells_zarr_zip(
+            out / CELLS_ZARR_FILE, list(bundle.cells["cell_id"]), sets,
+            image_shape_yx=bundle.focus_channels[0].shape[-2:], pixel_size_um=bundle.pixel_size_um,
         )
     written["cell_feature_matrix.h5"] = write_cell_feature_matrix_h5(
         out / "cell_feature_matrix.h5", bundle.counts, list(bundle.cells["cell_id"]), bundle.features

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from spatia.io.simulate_config import ResolvedState, SimulationConfig, designed_genes
-from spatia.io.xenium_writer import (
+from spatia.sim.config import ResolvedState, SimulationConfig, designed_genes
+from spatia.sim.writer import (
     FEATURE_GENE,
     FEATURE_NEGATIVE_CODEWORD,
     FEATURE_NEGATIVE_PROBE,

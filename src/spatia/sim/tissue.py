@@ -17,14 +17,14 @@ top-left corner of the canvas. Angles are measured from +x towards +y.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from spatia.errors import ConfigError
-from spatia.io.simulate_config import DomainSpec, ResolvedState, SimulationConfig
+from spatia.sim.config import DomainSpec, ResolvedState, SimulationConfig
 
 N_HARMONICS = 4  # boundary harmonics k = 2..5
 _HARMONIC_WEIGHTS = np.array([1.0, 0.7, 0.5, 0.35])
@@ -49,6 +49,7 @@ class DomainMap:
     direction_rad: np.ndarray
     grid_um: float
     names: tuple[str, ...]
+    _share_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _cells(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ny, nx = self.labels.shape
@@ -63,6 +64,20 @@ class DomainMap:
     def direction_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         i, j = self._cells(x_um, y_um)
         return self.direction_rad[i, j].astype(np.float64)
+
+    def domain_share_at(self, x_um: np.ndarray, y_um: np.ndarray, domain: int, radius_um: float) -> np.ndarray:
+        """Share of the disc of radius `radius_um` around each point (on the grid, the part inside
+        the canvas) that belongs to domain index `domain`."""
+        key = (int(domain), float(radius_um))
+        if key not in self._share_cache:
+            r = max(1, int(round(radius_um / self.grid_um)))
+            yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+            disc = (xx**2 + yy**2 <= r * r).astype(np.float64)
+            inside = ndimage.convolve((self.labels == domain).astype(np.float64), disc, mode="constant")
+            area = ndimage.convolve(np.ones(self.labels.shape), disc, mode="constant")
+            self._share_cache[key] = np.clip(inside / area, 0.0, 1.0)
+        i, j = self._cells(x_um, y_um)
+        return self._share_cache[key][i, j]
 
     def area_fractions(self) -> dict[str, float]:
         counts = np.bincount(self.labels.ravel(), minlength=len(self.names))
@@ -164,6 +179,10 @@ class CellLayout:
     in image counts; texture: relative texture amplitude; spot_count: int64 chromocentres.
     bounding_um: radius of the circle that holds the rendered nucleus (anti-aliasing included).
     area_um2: area of the nucleus shape.
+    niche_share: for cells in a transition's target state, the share of that transition's
+      `niche_domain` around the cell (`DomainMap.domain_share_at`); NaN for other cells.
+    shift_strength: strength of the designed morphology shift this cell got
+      (`TransitionSpec.shift_strength`); 0 for cells in no transition's target state.
     """
 
     x_um: np.ndarray
@@ -180,6 +199,8 @@ class CellLayout:
     spot_count: np.ndarray
     bounding_um: np.ndarray
     area_um2: np.ndarray
+    niche_share: np.ndarray
+    shift_strength: np.ndarray
 
     def __len__(self) -> int:
         return len(self.x_um)
@@ -233,30 +254,53 @@ def _sample_candidates(
     base = {field: np.array([getattr(s.morphology, field) for s in states], np.float64)
             for field in ("radius_um", "elongation", "irregularity", "intensity", "texture", "spots")}
     aligned = np.array([s.morphology.aligned for s in states])
+    # niche-dependent shifts: a target cell's morphology is its control state's, shifted with a
+    # strength set by the share of a domain around the cell (TransitionSpec.shift_strength)
+    share = np.full(m, np.nan)
+    strength = np.zeros(m)
+    domain_index = {d.name: i for i, d in enumerate(domains)}
+    cell_base = {name: values[state] for name, values in base.items()}
+    index = {s.name: i for i, s in enumerate(states)}
+    for transition in config.transitions:
+        rows = np.flatnonzero(state == index[transition.target])
+        if len(rows) == 0:
+            continue
+        if transition.niche_domain is not None:
+            share[rows] = domain_map.domain_share_at(x[rows], y[rows], domain_index[transition.niche_domain],
+                                                     transition.niche_radius_um)
+        strength[rows] = transition.shift_strength(np.nan_to_num(share[rows]))
+        control = states[index[transition.control]].morphology
+        shift = transition.morphology_shift
+        for name, scale in (("radius_um", shift.radius_scale), ("elongation", shift.elongation_scale),
+                            ("irregularity", shift.irregularity_scale), ("intensity", shift.intensity_scale),
+                            ("texture", shift.texture_scale), ("spots", shift.spots_scale)):
+            cell_base[name][rows] = getattr(control, name) * scale ** strength[rows]
+        cell_base["elongation"][rows] = np.maximum(cell_base["elongation"][rows], 1.0)
     size_scale = np.array([d.nucleus_size_scale for d in domains])[domain]
     intensity_scale = np.array([d.nucleus_intensity_scale for d in domains])[domain]
     texture_scale = np.array([d.nucleus_texture_scale for d in domains])[domain]
 
-    radius = base["radius_um"][state] * size_scale * np.exp(rng.normal(0.0, config.radius_cv, m))
+    radius = cell_base["radius_um"] * size_scale * np.exp(rng.normal(0.0, config.radius_cv, m))
     elongation = np.minimum(
-        1.0 + (base["elongation"][state] - 1.0) * np.exp(rng.normal(0.0, config.elongation_cv, m)), MAX_ELONGATION
+        1.0 + (cell_base["elongation"] - 1.0) * np.exp(rng.normal(0.0, config.elongation_cv, m)), MAX_ELONGATION
     )
     tissue_direction = domain_map.direction_at(x, y) + rng.normal(0.0, ALIGNMENT_SD_RAD, m)
     orientation = np.where(aligned[state], tissue_direction, rng.uniform(0.0, np.pi, m))
     orientation = np.mod(orientation, np.pi)
-    amp = base["irregularity"][state][:, None] * _HARMONIC_WEIGHTS[None, :] * rng.standard_normal((m, N_HARMONICS))
+    amp = cell_base["irregularity"][:, None] * _HARMONIC_WEIGHTS[None, :] * rng.standard_normal((m, N_HARMONICS))
     total = np.abs(amp).sum(axis=1, keepdims=True)
     amp = np.where(total > 0.45, amp * (0.45 / np.maximum(total, 1e-12)), amp)
     phase = rng.uniform(0.0, 2 * np.pi, (m, N_HARMONICS))
-    intensity = (config.dapi_nucleus_level * base["intensity"][state] * intensity_scale
+    intensity = (config.dapi_nucleus_level * cell_base["intensity"] * intensity_scale
                  * np.exp(rng.normal(0.0, config.intensity_cv, m)))
-    texture = base["texture"][state] * texture_scale * np.exp(rng.normal(0.0, config.texture_cv, m))
-    spot_count = rng.poisson(base["spots"][state] * texture_scale).astype(np.int64)
+    texture = cell_base["texture"] * texture_scale * np.exp(rng.normal(0.0, config.texture_cv, m))
+    spot_count = rng.poisson(cell_base["spots"] * texture_scale).astype(np.int64)
 
     layout = CellLayout(
         x_um=x, y_um=y, domain=domain, state=state, radius_um=radius, elongation=elongation,
         orientation_rad=orientation, harmonic_amp=amp, harmonic_phase=phase, intensity=intensity,
         texture=texture, spot_count=spot_count, bounding_um=np.zeros(m), area_um2=np.zeros(m),
+        niche_share=share, shift_strength=strength,
     )
     step = 2 * np.pi / _SHAPE_SAMPLES
     coarse = np.arange(_SHAPE_SAMPLES) * step

@@ -24,8 +24,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from spatia.console import track
-from spatia.io.simulate_config import SimulationConfig
-from spatia.io.simulate_tissue import CellLayout, DomainMap
+from spatia.sim.config import SimulationConfig
+from spatia.sim.tissue import CellLayout, DomainMap
 
 CHROMATIN_GRAIN_UM = 0.35  # sd of the Gaussian that smooths chromatin texture and spots
 SPOT_GAIN = 0.9  # a chromocentre's peak adds this fraction of the nucleus brightness
