@@ -86,3 +86,19 @@ def test_evaluate_refuses_a_negative_cell_budget():
 
     with pytest.raises(ConfigError, match="'max_cells' must be at least 2"):
         load_config(EvaluateConfig, {"labels": "x"}, overrides={"max_cells": -5})
+
+
+def test_an_error_about_the_anndatas_contents_names_the_file(tmp_path):
+    import anndata
+    import numpy as np
+
+    from spatia.evaluate import EvaluateConfig
+
+    cells = tmp_path / "cells.h5ad"
+    adata = anndata.AnnData(np.ones((30, 5), dtype=np.float32))
+    adata.obsm["spatial"] = np.random.default_rng(0).uniform(0, 500, (30, 2))
+    adata.write_h5ad(cells)
+    with pytest.raises(InputDataError) as caught:
+        stages.evaluate(cells, tmp_path / "report", EvaluateConfig(labels="cell_type"))
+    assert str(cells) in caught.value.message and "cell_type" in caught.value.message
+    assert not (tmp_path / "report").exists()

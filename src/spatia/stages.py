@@ -30,6 +30,8 @@ module is cheap.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -266,6 +268,18 @@ class EvaluateInputs:
             raise ConfigError("both a MIST dataset and a crops file were given", fix="give one source of crops")
 
 
+@contextmanager
+def naming_the_file(path: str | Path) -> Iterator[None]:
+    """An `InputDataError` about an AnnData's contents (a missing obs column, no counts) that names
+    no file gets the AnnData's path, so the message says which file to fix."""
+    try:
+        yield
+    except InputDataError as error:
+        if error.path is not None:
+            raise
+        raise InputDataError(error.problem, path=path, fix=error.fix) from None
+
+
 def read_anndata(path: str | Path, *, what: str = "AnnData file"):
     """Read an .h5ad, turning a missing or unreadable file into a clear `InputDataError`."""
     import anndata
@@ -322,7 +336,8 @@ def evaluate(cells: str | Path, out: str | Path, config: EvaluateConfig,
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if inputs.device == "auto" else inputs.device
         imputer = GeneDecoderImputer.from_checkpoint(inputs.checkpoint, inputs.mist, adata.var_names, device=device)
-    results = score(adata, config, crops=cell_crops, imputer=imputer, niche_crops=niche_crops)
+    with naming_the_file(cells):
+        results = score(adata, config, crops=cell_crops, imputer=imputer, niche_crops=niche_crops)
     write_report(results, out)
     from spatia.evaluate.verdicts import headline, task_verdicts
 
@@ -376,7 +391,8 @@ def pair(cells: str | Path, out: str | Path, config: PairingConfig, *, transitio
     adata = read_anndata(cells)
     if annotations is not None:
         add_annotations(adata, annotations)
-    result = pair_cells(adata, spec, config)
+    with naming_the_file(cells):
+        result = pair_cells(adata, spec, config)
     write_pairing(result, out)
     figures = {"n_pairs": len(result.pairs), "transitions": result.summary()}
     write_run_record(out, "pair", config, config.seed, results=figures, inputs={

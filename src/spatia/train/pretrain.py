@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.loggers import CSVLogger
 
 from spatia.errors import ConfigError, OutputExistsError
-from spatia.model import SpatiaConfig, config_from_dict, load_config
+from spatia.model import SpatiaConfig, load_config
 from spatia.outputs import atomic_output, write_run_record
 from spatia.train.checkpoints import (
     AtomicCheckpointIO,
@@ -146,9 +146,12 @@ def apply_train_overrides(config: SpatiaConfig, overrides: dict[str, Any] | None
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if not overrides:
         return config
-    data = config.to_dict()
-    data["train"] = {**data["train"], **overrides}
-    updated = config_from_dict(data, source=config.name)
+    from spatia.config import CLI_SOURCE, merge_config
+    from spatia.model.config import validate_config
+
+    # named as what they are (command-line options), not as the packaged config they modify
+    updated = merge_config(config, {"train": overrides}, source=CLI_SOURCE)
+    validate_config(updated, source=CLI_SOURCE)
     return updated
 
 
