@@ -45,7 +45,7 @@ class DemoConfig:
     n_cells: int = 5000
     n_genes: int = 300
     build_workers: int = 0
-    pretrain_steps: int = 60
+    pretrain_steps: int = 400  # ~3 min of the demo's 10 on 2 cores (README: measured)
     evaluate_seeds: int = 2
     flow_preset: str = "demo"  # spatia.flow presets: demo (minutes), tiny (seconds, for tests)
 

@@ -15,7 +15,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist).")] = Path("demo_output"),
     cells: Annotated[int, typer.Option("--cells", help="Cells in the simulated bundle.")] = 5000,
     genes: Annotated[int, typer.Option("--genes", help="Gene panel size of the simulated bundle.")] = 300,
-    pretrain_steps: Annotated[int, typer.Option("--pretrain-steps", help="Pretraining steps of the tiny model.")] = 60,
+    pretrain_steps: Annotated[int, typer.Option("--pretrain-steps", help="Pretraining steps of the tiny model.")] = 400,
     evaluate_seeds: Annotated[int, typer.Option("--evaluate-seeds", help="Seeds per stochastic evaluation model.")] = 2,
     flow_preset: Annotated[
         str, typer.Option("--flow-preset", help="Flow step size: demo (minutes) or tiny (seconds; plumbing only).")
