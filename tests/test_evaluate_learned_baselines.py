@@ -8,7 +8,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from spatia.evaluate import EvaluateConfig, evaluate
-from spatia.evaluate.autoencoder import CountAutoencoder, fit_count_autoencoder, negative_binomial_log_prob
+from spatia.evaluate.autoencoder import CountAutoencoder, fit_count_autoencoder
+from spatia.model.decoders import nb_log_prob as negative_binomial_log_prob
 from spatia.evaluate.scvi_latent import ScviUnavailable, scvi_available, scvi_latent
 from spatia.evaluate.synthetic import synthetic_evaluation_data
 

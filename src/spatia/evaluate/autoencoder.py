@@ -26,20 +26,7 @@ from torch import nn
 
 from spatia.errors import InputDataError
 from spatia.expression import library_sizes, log_normalise
-
-
-def negative_binomial_log_prob(counts: torch.Tensor, mean: torch.Tensor, dispersion: torch.Tensor,
-                               eps: float = 1e-8) -> torch.Tensor:
-    """log NB(counts; mean, dispersion) elementwise (scVI's parameterisation).
-
-    Variance = mean + mean^2 / dispersion. Equal to
-    ``torch.distributions.NegativeBinomial(total_count=dispersion, logits=log(mean) - log(dispersion))
-    .log_prob(counts)`` for positive means, and defined (0 at counts 0) where the mean is 0.
-    """
-    log_theta_mu = torch.log(dispersion + mean + eps)
-    return (torch.lgamma(counts + dispersion) - torch.lgamma(dispersion) - torch.lgamma(counts + 1.0)
-            + dispersion * (torch.log(dispersion + eps) - log_theta_mu)
-            + counts * (torch.log(mean + eps) - log_theta_mu))
+from spatia.model.decoders import nb_log_prob  # the one NB likelihood (the model's gene decoder uses it too)
 
 
 class CountAutoencoder(nn.Module):
@@ -61,7 +48,7 @@ class CountAutoencoder(nn.Module):
     def loss(self, counts: torch.Tensor, log_expr: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
         """Mean over cells of the NB negative log-likelihood summed over genes."""
         _, mean = self(log_expr, library)
-        return -negative_binomial_log_prob(counts, mean, self.log_dispersion.exp()).sum(dim=1).mean()
+        return -nb_log_prob(counts, mean, self.log_dispersion.exp()).sum(dim=1).mean()
 
 
 @dataclass

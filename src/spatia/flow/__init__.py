@@ -13,7 +13,7 @@ Stages, files and metrics are described in docs/flow.md. Names load on first use
 
 from __future__ import annotations
 
-from typing import Any
+from spatia.lazy import lazy_getattr
 
 _LAZY = {
     "AutoencoderConfig": "spatia.flow.config",
@@ -43,9 +43,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'spatia.flow' has no attribute {name!r}")
+__getattr__ = lazy_getattr("spatia.flow", _LAZY)

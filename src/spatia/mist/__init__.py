@@ -8,7 +8,7 @@ use, so importing `spatia.mist` (e.g. in a build worker process) stays light.
 
 from __future__ import annotations
 
-from typing import Any
+from spatia.lazy import lazy_getattr
 
 _LAZY = {
     "SKIP_REASONS": "spatia.mist.build",
@@ -32,9 +32,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'spatia.mist' has no attribute {name!r}")
+__getattr__ = lazy_getattr("spatia.mist", _LAZY)
