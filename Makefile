@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test install clean
 
@@ -16,11 +17,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The tests also exercise the optional SpatialData extra (~272 MB, ~1 min to install; pinned in
+# constraints.txt); the demo does not need it.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,spatialdata]'
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/spatia demo --out demo_output
 
 # Two xdist workers on two cores, one BLAS/torch thread each (oversubscribed threads run ~10x slower).
-test: $(STAMP)
+test: $(TEST_STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 clean:

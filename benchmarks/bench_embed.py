@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=3000, help="cells of the simulated section")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spatia_bench_train")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="where the end-to-end time goes: cProfile's top functions of the first run, and a "
+                             "second end-to-end run (a cost only the first pays is process warm-up)")
     args = parser.parse_args()
 
     from spatia.console import configure
@@ -70,10 +73,29 @@ def main() -> None:
     peak_bf16 = matmul_peak(device, torch.bfloat16) if device.startswith("cuda") else None
 
     # ---- end to end
+    def end_to_end_run():
+        return embed_model(dataset, model, None, batch_cells=args.batch_cells, accelerator="gpu" if device.startswith(
+            "cuda") else "cpu", precision=precision, threads=args.threads, num_workers=args.workers, progress_bar=False)
+
+    profile_report = {}
     start = time.perf_counter()
-    result = embed_model(dataset, model, None, batch_cells=args.batch_cells, accelerator="gpu" if device.startswith(
-        "cuda") else "cpu", precision=precision, threads=args.threads, num_workers=args.workers, progress_bar=False)
-    end_to_end = time.perf_counter() - start
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        result = profiler.runcall(end_to_end_run)
+        end_to_end = time.perf_counter() - start
+        stats = pstats.Stats(profiler)
+        rows = sorted(((cum, f"{Path(file).name}:{line}({name})") for (file, line, name), (_, _, _, cum, _)
+                       in stats.stats.items()), reverse=True)
+        profile_report["profile_top_cumulative_s"] = [[where, round(cum, 2)] for cum, where in rows[:25]]
+        start = time.perf_counter()
+        end_to_end_run()
+        profile_report["second_run_seconds"] = round(time.perf_counter() - start, 2)
+    else:
+        result = end_to_end_run()
+        end_to_end = time.perf_counter() - start
 
     # ---- model only, on pre-collated batches
     context = MultiScaleDataset(dataset, split=None)
@@ -119,6 +141,7 @@ def main() -> None:
         "peak_flops_per_s": round(use_peak),
         "fraction_of_peak": round(flops / model_seconds / use_peak, 3),
         **({"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if device.startswith("cuda") else {}),
+        **profile_report,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }))

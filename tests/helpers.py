@@ -89,3 +89,20 @@ def write_10x_h5(path: Path, counts: sp.spmatrix, barcodes, ids, names, types) -
         features["name"] = np.asarray(names, dtype="S")
         features["feature_type"] = np.asarray(types, dtype="S")
         features["genome"] = np.asarray(["GRCh38"] * len(ids), dtype="S")
+
+
+class Interrupted(Exception):
+    """Raised by `StopAtStep` to simulate a killed training run."""
+
+
+def stop_at_step(step: int):
+    """A Lightning callback raising `Interrupted` before training step `step` (after the
+    checkpoint of the step before was saved)."""
+    import lightning as L
+
+    class StopAtStep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == step:
+                raise Interrupted()
+
+    return StopAtStep()

@@ -20,3 +20,31 @@ def test_spatia_error_message_names_file_problem_and_fix():
     text = str(error)
     assert text.startswith("/data/bundle: cells.parquet is missing")
     assert "Fix: point at a Xenium output folder" in text
+
+
+def _command_paths(group, prefix=()):
+    for name, command in group.commands.items():
+        yield prefix + (name,)
+        if hasattr(command, "commands"):  # a group (Typer's groups are not click.Group subclasses)
+            yield from _command_paths(command, prefix + (name,))
+
+
+def test_every_help_shows_flags_as_flags():
+    """Boolean flags, --help included, carry no `<bool>` metavar in any command's help."""
+    import typer.main
+
+    runner = CliRunner()
+    paths = [()] + list(_command_paths(typer.main.get_command(app)))
+    assert ("flow", "train") in paths and ("pretrain",) in paths
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "120"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "--help" in result.output and "<bool>" not in result.output, (path, result.output)
+
+
+def test_error_messages_are_not_broken_by_the_terminal_width(tmp_path):
+    """A long path in an error stays on one line (the terminal wraps it, not rich)."""
+    missing = tmp_path / ("a_rather_long_folder_name_" * 4) / "bundle[1]"
+    result = CliRunner().invoke(app, ["info", str(missing)], env={"COLUMNS": "60"})
+    assert result.exit_code == 2
+    assert str(missing) in result.output

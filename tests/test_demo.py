@@ -30,8 +30,11 @@ def test_demo_runs_every_stage(tmp_path):
     assert run["command"] == "demo" and run["config"]["pretrain_steps"] == 3
 
     embedded = anndata.read_h5ad(out / "embeddings.h5ad")
-    assert embedded.n_obs == summary["steps"]["build"]["cells"]
+    cells = anndata.read_h5ad(out / "cells.h5ad")
+    assert list(embedded.obs_names) == list(cells.obs_names)  # the same cells, same order (skipped ones flagged)
+    assert int(embedded.obs["spatia_embedded"].sum()) == summary["steps"]["build"]["cells"]
     assert {"X_spatia", "X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"} <= set(embedded.obsm)
+    assert "X_spatia_image" in anndata.read_h5ad(out / "embeddings_image.h5ad").obsm
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     for task in ("annotation", "clustering", "expression", "imputation"):

@@ -31,27 +31,34 @@ def embedded(simulated_mist, checkpoint, tmp_path_factory):
     return path, result
 
 
-def test_anndata_contents(simulated_mist, checkpoint, embedded):
+def test_anndata_contents(simulated_mist, simulated_bundle, checkpoint, embedded):
+    from spatia.io import read_xenium
+
     path, result = embedded
     adata = anndata.read_h5ad(path)
     cells = CellDataset(simulated_mist)
     n = len(cells)
-    assert adata.n_obs == result.n_cells == n
-    assert list(adata.obs_names) == cells.index["cell_id"].astype(str).tolist()  # dataset index order
+    # every cell of the bundle, in its cells.parquet order; those the build kept are embedded
+    assert list(adata.obs_names) == read_xenium(simulated_bundle).cells.index.astype(str).tolist()
+    assert result.n_cells == n == int(adata.obs["spatia_embedded"].sum())
+    row = adata.obs_names.get_indexer(cells.index["cell_id"].astype(str))  # cell-index row -> AnnData row
+    assert (row >= 0).all() and adata.obs["spatia_embedded"].to_numpy()[row].all()
     for key in ("X_spatia", "X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"):
-        assert adata.obsm[key].shape == (n, 128) and adata.obsm[key].dtype == np.float32
-        assert np.isfinite(adata.obsm[key]).all()
-    np.testing.assert_allclose(adata.obsm["spatial"], cells.index[["x_centroid_um", "y_centroid_um"]].to_numpy())
-    for column in ("slide_id", "cell_id", "split", "niche_id", "tissue_id", "truth_cell_type", "truth_domain"):
+        assert adata.obsm[key].shape == (adata.n_obs, 128) and adata.obsm[key].dtype == np.float32
+        assert np.isfinite(adata.obsm[key][row]).all()
+    np.testing.assert_allclose(adata.obsm["spatial"][row], cells.index[["x_centroid_um", "y_centroid_um"]].to_numpy())
+    for column in ("slide_id", "cell_id", "split", "niche_id", "tissue_id", "truth_cell_type", "truth_domain",
+                   "gene_expression_graphclust", "spatia_skip_reason"):
         assert column in adata.obs.columns, column
     assert list(adata.var_names) == list(cells.genes)
     rows = [0, n // 2, n - 1]
     expected = np.stack([cells[i]["cell_counts"].numpy() for i in rows])
-    np.testing.assert_array_equal(adata.X[rows].toarray(), expected)  # raw counts in X
+    np.testing.assert_array_equal(adata.X[row[rows]].toarray(), expected)  # raw counts in X
+    assert adata.X.dtype == np.float32
     # cells of one niche share X_spatia_niche; cells of different niches (mostly) do not
-    niche = adata.obs["niche_id"].to_numpy()
-    same = niche == niche[0]
-    assert np.allclose(adata.obsm["X_spatia_niche"][same], adata.obsm["X_spatia_niche"][0])
+    niche = adata.obs["niche_id"].astype(str).to_numpy()
+    same = niche == niche[row[0]]
+    assert np.allclose(adata.obsm["X_spatia_niche"][same], adata.obsm["X_spatia_niche"][row[0]])
     uns = adata.uns["spatia"]
     assert uns["checkpoint"] == str(checkpoint.resolve())
     assert uns["modality"] == "both" and list(uns["levels"]) == ["cell", "niche", "tissue"]
@@ -66,7 +73,7 @@ def test_anndata_contents(simulated_mist, checkpoint, embedded):
     t = 0
     keys = ds.keys_for([t], ds.tissue_cell_rows[t].tolist())
     emb = model.embed(collate_multiscale([ds[k] for k in keys]))
-    np.testing.assert_allclose(adata.obsm["X_spatia"][ds.tissue_cell_rows[t]], emb.z.numpy(), atol=1e-5)
+    np.testing.assert_allclose(adata.obsm["X_spatia"][row[ds.tissue_cell_rows[t]]], emb.z.numpy(), atol=1e-5)
 
 
 def test_deterministic_and_independent_of_batch_size(simulated_mist, checkpoint, embedded):
@@ -83,10 +90,14 @@ def test_modalities_and_splits(simulated_mist, checkpoint, embedded):
     _, both = embedded
     image = embed_dataset(simulated_mist, checkpoint, modality="image", splits=["test", "val"], threads=1,
                           progress_bar=False).adata
-    assert set(image.obs["split"]) == {"test", "val"}
+    assert set(image.obs["split"]) == {"test", "val"} and image.obs["spatia_embedded"].all()
     assert image.uns["spatia"]["modality"] == "image" and list(image.uns["spatia"]["splits"]) == ["test", "val"]
+    # its own keys: the image-only embedding never takes X_spatia's place
+    assert set(image.obsm) == {"X_spatia_image", "X_spatia_image_cell", "X_spatia_image_niche",
+                               "X_spatia_image_tissue", "spatial"}
     rows = both.adata.obs_names.get_indexer(image.obs_names)
-    assert not np.allclose(image.obsm["X_spatia"], both.adata.obsm["X_spatia"][rows])
+    assert (np.diff(rows) > 0).all()  # the same (bundle) order, a subset
+    assert not np.allclose(image.obsm["X_spatia_image"], both.adata.obsm["X_spatia"][rows])
 
     # withholding genes: the embedding cannot depend on counts (model path, same batches)
     model, info = load_model(checkpoint)
@@ -95,7 +106,7 @@ def test_modalities_and_splits(simulated_mist, checkpoint, embedded):
             p.add_(torch.randn_like(p))
     perturbed = embed_model(simulated_mist, model, levels=info.levels, modality="image", splits=["test", "val"], threads=1,
                             progress_bar=False).adata
-    np.testing.assert_allclose(perturbed.obsm["X_spatia"], image.obsm["X_spatia"], atol=1e-6)
+    np.testing.assert_allclose(perturbed.obsm["X_spatia_image"], image.obsm["X_spatia_image"], atol=1e-6)
 
     with pytest.raises(ConfigError, match="modality"):
         embed_dataset(simulated_mist, checkpoint, modality="text", progress_bar=False)

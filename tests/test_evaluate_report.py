@@ -76,9 +76,9 @@ def test_skipped_tasks_render(results, tmp_path):
 
 def test_cli_evaluate_end_to_end(tmp_path):
     adata, crops = synthetic_evaluation_data(400, n_genes=40, n_types=3, seed=9)
-    # `spatia embed --modality image` writes its own AnnData with the embedding as X_spatia
+    # `spatia embed --modality image` writes its own AnnData with the embedding as X_spatia_image
     image_only = ad.AnnData(obs=adata.obs[[]].iloc[::-1].copy())  # another row order
-    image_only.obsm["X_spatia"] = adata.obsm["X_spatia_image"][::-1].copy()
+    image_only.obsm["X_spatia_image"] = adata.obsm["X_spatia_image"][::-1].copy()
     image_only.write_h5ad(tmp_path / "image.h5ad")
     adata.obsm.pop("X_spatia_image")
     adata.write_h5ad(tmp_path / "cells.h5ad")
@@ -123,7 +123,7 @@ def test_add_modality_embedding_aligns_by_cell_id():
 
     adata, _ = synthetic_evaluation_data(50, n_genes=10, seed=10)
     other = ad.AnnData(obs=adata.obs[[]].iloc[::-1].copy())
-    other.obsm["X_spatia"] = adata.obsm["X_spatia_image"][::-1]
+    other.obsm["X_spatia_image"] = adata.obsm["X_spatia_image"][::-1]  # `spatia embed --modality image`'s key
     expected = adata.obsm.pop("X_spatia_image")
     add_modality_embedding(adata, other, "X_spatia_image")
     assert np.array_equal(adata.obsm["X_spatia_image"], expected)

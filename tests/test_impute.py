@@ -62,8 +62,8 @@ def test_matches_a_forward_pass_by_hand(simulated_mist, simulated_checkpoint, ce
     model, info = load_model(simulated_checkpoint)
     ds = MultiScaleDataset(simulated_mist, split=None)
     region = ds.tissue_cell_rows[0]
-    names = cells.obs_names.to_numpy()[region]
-    counts = cells.X[region].toarray().astype(np.float32)
+    names = ds.cell_index["cell_id"].astype(str).to_numpy()[region]  # the AnnData is in the bundle's order
+    counts = cells[names].X.toarray().astype(np.float32)
     mask = hold_out_mask(*counts.shape, 0.2, seed=3)
     visible = np.where(mask, 0.0, counts).astype(np.float32)
     imputer = GeneDecoderImputer(model, simulated_mist, cells.var_names, levels=info.levels)

@@ -318,7 +318,7 @@ def test_write_pairing_round_trip(result, tmp_path):
     out = write_pairing(result, tmp_path / "pairs")
     names = {p.name for p in out.iterdir()}
     assert names == {"pairs.parquet", "signatures.parquet", "signatures.npz", "pairing_config.json",
-                     "diagnostics.json", "diagnostics.png"}
+                     "diagnostics.json", "diagnostics.png", "report.md", "report.html", "signature_genes.png"}
     pd.testing.assert_frame_equal(pd.read_parquet(out / "pairs.parquet"), result.pairs)
     sig = Signatures.read_npz(out / "signatures.npz")
     np.testing.assert_array_equal(sig.delta, result.signatures.delta)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import lightning as L
 import pandas as pd
 import pytest
-
-from spatia.errors import OutputWriteError
 import torch
 import yaml
 
-from spatia.errors import ConfigError, DatasetError, OutputExistsError
+from helpers import Interrupted, stop_at_step
+from spatia.errors import ConfigError, DatasetError, OutputExistsError, OutputWriteError
 from spatia.mist import BuildConfig, build_dataset
 from spatia.model import load_config
 from spatia.train import load_model, pretrain, read_checkpoint
@@ -26,19 +25,6 @@ def dataset(simulated_bundle, tmp_path_factory):
     return root
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _StopAt(L.Callback):
-    """Raise before training step `step` (after the checkpoint of the step before was saved)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise _Interrupt()
 
 
 def _run(dataset, out, **kw):
@@ -68,8 +54,8 @@ def test_resume_gives_identical_next_steps(dataset, tmp_path, uninterrupted, sto
     full_dir, full = uninterrupted
     assert full.global_step == 9
     out = tmp_path / "run"
-    with pytest.raises(_Interrupt):
-        _run(dataset, out, train_overrides=dict(FAST, max_steps=9), callbacks=[_StopAt(stop)])
+    with pytest.raises(Interrupted):
+        _run(dataset, out, train_overrides=dict(FAST, max_steps=9), callbacks=[stop_at_step(stop)])
     last = out / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == stop
     resumed = _run(dataset, out, resume=last)

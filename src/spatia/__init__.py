@@ -3,7 +3,8 @@
 The notebook API (everything below is imported on first use, so `import spatia` stays cheap and
 never imports torch, Lightning or scanpy):
 
-- `spatia.read_xenium(path)`: a Xenium output folder as a `XeniumSlide` (`.to_anndata()`).
+- `spatia.read_xenium(path)`: a Xenium output folder as a `XeniumSlide` (`.to_anndata()`,
+  `.to_spatialdata()`); `spatia.read_spatialdata(sdata_or_zarr)` the reverse (optional extra).
 - the pipeline stages of `spatia.stages`, each writing its outputs and a run record:
   `spatia.simulate`, `spatia.build`, `spatia.pretrain`, `spatia.embed`, `spatia.pair`, and
   `spatia.stages.evaluate` (`spatia.evaluate` is the evaluation package).
@@ -20,6 +21,7 @@ from spatia.errors import SpatiaError
 # public name -> (module, attribute); attribute None: the module itself
 _LAZY = {
     "read_xenium": ("spatia.io.xenium", "read_xenium"),
+    "read_spatialdata": ("spatia.io.spatialdata", "read_spatialdata"),
     "stages": ("spatia.stages", None),
     "simulate": ("spatia.stages", "simulate"),
     "build": ("spatia.stages", "build"),
@@ -38,6 +40,7 @@ __all__ = [
     "pair",
     "pl",
     "pretrain",
+    "read_spatialdata",
     "read_xenium",
     "simulate",
     "stages",

@@ -58,8 +58,8 @@ def annotated_anndata(bundle: Path):
     slide = read_xenium(bundle)
     adata = slide.to_anndata()
     truth = pd.read_parquet(bundle / GROUND_TRUTH_TABLE).set_index("cell_id")
-    for column in GROUND_TRUTH_OBS_COLUMNS:
-        adata.obs[column] = pd.Categorical(truth.loc[adata.obs_names, column].astype(str))
+    for column in GROUND_TRUTH_OBS_COLUMNS:  # truth_* as in the MIST index and `spatia embed`'s obs
+        adata.obs[f"truth_{column}"] = pd.Categorical(truth.loc[adata.obs_names, column].astype(str))
     return slide, adata
 
 
@@ -153,7 +153,8 @@ def _evaluate(out_dir: Path, dataset: Path, checkpoint: Path, config: DemoConfig
 def _pair(cells_h5ad: Path, pairs_dir: Path, seed: int) -> dict[str, Any]:
     from spatia.perturb import PairingConfig
 
-    result = stages.pair(cells_h5ad, pairs_dir, PairingConfig(seed=seed), transitions="simulated", seed=seed)
+    truth = {"state_key": "truth_state", "lineage_key": "truth_lineage", "niche_key": "truth_domain"}  # cells.h5ad's
+    result = stages.pair(cells_h5ad, pairs_dir, PairingConfig(**truth, seed=seed), transitions="simulated", seed=seed)
     return {"n_pairs": result.figures["n_pairs"],
             "transitions": {name: {"pairs": row["n_pairs"]} for name, row in result.figures["transitions"].items()}}
 

@@ -39,6 +39,7 @@ X_SPATIA_CELL: Final = "X_spatia_cell"    # cell level z_cell (image-gene fusion
 X_SPATIA_NICHE: Final = "X_spatia_niche"  # niche level (shared by the cells of a niche)
 X_SPATIA_TISSUE: Final = "X_spatia_tissue"  # tissue level (shared by the cells of a region)
 X_SPATIA_IMAGE: Final = "X_spatia_image"  # unified embedding with genes withheld (image only)
+X_SPATIA_IMAGE_CELL: Final = "X_spatia_image_cell"  # its cell level: the image-only cell representation
 X_SPATIA_GENE: Final = "X_spatia_gene"    # unified embedding with images withheld (gene only)
 EMBEDDING_KEYS: Final = (X_SPATIA, X_SPATIA_CELL, X_SPATIA_NICHE, X_SPATIA_TISSUE, X_SPATIA_IMAGE, X_SPATIA_GENE)
 # model output name -> obsm key
@@ -46,12 +47,23 @@ EMBEDDING_KEY_OF_OUTPUT: Final = {"z": X_SPATIA, "z_cell": X_SPATIA_CELL, "z_nic
                                   "z_tissue": X_SPATIA_TISSUE}
 # `spatia embed --modality` -> obsm key of its unified embedding
 EMBEDDING_KEY_OF_MODALITY: Final = {"both": X_SPATIA, "image": X_SPATIA_IMAGE, "gene": X_SPATIA_GENE}
+# `spatia embed --modality` -> model output name -> obsm key: X_spatia, X_spatia_cell, ... for
+# "both"; X_spatia_image, X_spatia_image_cell, ... for "image" (so the files of several
+# modalities merge without clobbering each other's keys)
+EMBEDDING_KEYS_OF_MODALITY: Final = {
+    modality: {output: base + key.removeprefix(X_SPATIA) for output, key in EMBEDDING_KEY_OF_OUTPUT.items()}
+    for modality, base in EMBEDDING_KEY_OF_MODALITY.items()}
+# obs of every `spatia embed` output: which cells got an embedding, and why the others did not
+# (the MIST build's skip reason, e.g. "zero_counts"; their obsm embedding rows are NaN)
+EMBEDDED_FLAG: Final = "spatia_embedded"
+SKIP_REASON: Final = "spatia_skip_reason"
 EMBEDDING_LABELS: Final = {
     X_SPATIA: "SPATIA (unified)",
     X_SPATIA_CELL: "SPATIA cell level (no niche/tissue)",
     X_SPATIA_NICHE: "SPATIA niche level",
     X_SPATIA_TISSUE: "SPATIA tissue level",
     X_SPATIA_IMAGE: "SPATIA image-only",
+    X_SPATIA_IMAGE_CELL: "SPATIA image-only cell level",
     X_SPATIA_GENE: "SPATIA gene-only",
 }
 

@@ -4,16 +4,17 @@ and returning it.
 - `spatial_clusters(adata, basis)`: Leiden clusters of an embedding drawn at the cells'
   positions on the tissue (obsm["spatial"], um).
 - `pairs(pairs, adata)`: control -> target segments of `spatia pair` over the tissue.
-- `signature_genes(signatures, transition)`: the genes whose mean expression rises most from
-  control to target (Delta g, paper Eq. 11).
+- `signature_genes(signatures, transition)`: the genes whose mean expression rises (or falls)
+  most from control to target (Delta g, paper Eq. 11).
 
 Coordinates follow the Xenium convention (docs/io.md): x to the right, y down, in um.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -71,16 +72,23 @@ def spatial_clusters(adata: anndata.AnnData, basis: str = X_SPATIA, resolution: 
 
 
 def pairs(pairs_df_or_dir: pd.DataFrame | str | Path, adata: anndata.AnnData, transition: str | None = None,
-          ax: Axes | None = None, *, max_pairs: int = 2000, seed: int = 0, point_size: float | None = None) -> Axes:
-    """Control -> target pairs of `spatia pair` as segments over the tissue.
+          ax: Axes | None = None, *, max_pairs: int = 2000, seed: int = 0, point_size: float | None = None,
+          colours: Mapping[str, Any] | None = None, title: str | None = None) -> Axes:
+    """Control -> target pairs of `spatia pair` over the tissue.
+
+    Every cell of `adata` is a light-grey dot; every paired control (circle) and target
+    (triangle) is coloured by its transition; a segment joins each control to its target for at
+    most `max_pairs` pairs per transition (a seeded random subset, said in the legend), so dense
+    pairings stay readable.
 
     Args:
         pairs_df_or_dir: the pairs table, a `spatia pair` output folder or its pairs.parquet.
         adata: the AnnData that was paired (obs_names = the pairs' x_ctrl_id / x_tgt_id,
-            obsm["spatial"] in um); all its cells are drawn in grey underneath.
+            obsm["spatial"] in um).
         transition: one transition_tag to draw; None draws every transition in its own colour.
-        max_pairs: at most this many segments per transition (a seeded random subset, said in
-            the legend), so that dense pairings stay readable.
+        colours: transition_tag -> matplotlib colour (default: tab10/tab20 in order of appearance),
+            so that several maps (one per slide) share colours.
+        title: the axes title (default: "control -> target pairs").
     """
     from matplotlib.collections import LineCollection
     from matplotlib.lines import Line2D
@@ -107,39 +115,51 @@ def pairs(pairs_df_or_dir: pd.DataFrame | str | Path, adata: anndata.AnnData, tr
     ax.scatter(*xy_um.T, s=size, c=NOT_EMBEDDED_COLOUR, linewidths=0)
     tags = table["transition_tag"].astype(str).to_numpy()
     kinds = list(dict.fromkeys(tags[found]))
-    colours = _palette(len(kinds))
+    if colours is None:
+        colours = dict(zip(kinds, _palette(len(kinds))))
     rng = np.random.default_rng(seed)
     handles = [Line2D([], [], color=NOT_EMBEDDED_COLOUR, marker="o", linestyle="", label=f"cells ({adata.n_obs})")]
-    for colour, tag in zip(colours, kinds):
+    for tag in kinds:
+        colour = colours[tag]
         rows = np.flatnonzero(found & (tags == tag))
         shown = np.sort(rng.choice(rows, size=max_pairs, replace=False)) if len(rows) > max_pairs else rows
+        ax.scatter(*xy_um[np.unique(ctrl[rows])].T, s=2 * size + 1, color=colour, marker="o", linewidths=0)
+        ax.scatter(*xy_um[np.unique(tgt[rows])].T, s=3 * size + 2, color=colour, marker="^", linewidths=0)
         start, end = xy_um[ctrl[shown]], xy_um[tgt[shown]]
-        ax.add_collection(LineCollection(np.stack([start, end], axis=1), colors=[colour], linewidths=0.6,
-                                         alpha=0.7))
-        ax.scatter(*start.T, s=4 * size + 2, color=colour, marker="o", linewidths=0)
-        ax.scatter(*end.T, s=6 * size + 4, color=colour, marker="^", linewidths=0)
-        shown_text = f"{len(rows)} pairs" if len(shown) == len(rows) else f"{len(shown)} of {len(rows)} pairs"
+        ax.add_collection(LineCollection(np.stack([start, end], axis=1), colors=[colour], linewidths=0.9,
+                                         alpha=0.9))
+        shown_text = f"{len(rows)} pairs" if len(shown) == len(rows) else f"{len(rows)} pairs, {len(shown)} drawn"
         handles.append(Line2D([], [], color=colour, label=f"{tag} ({shown_text})"))
     handles += [Line2D([], [], color="black", marker="o", linestyle="", markersize=4, label="control cell"),
-                Line2D([], [], color="black", marker="^", linestyle="", markersize=5, label="target cell")]
-    ax.set_title("control -> target pairs" if transition is None else f"{transition}: control -> target pairs")
+                Line2D([], [], color="black", marker="^", linestyle="", markersize=5, label="target cell"),
+                Line2D([], [], color="black", linewidth=0.8, label="control -> its target")]
+    if title is None:
+        title = "control -> target pairs" if transition is None else f"{transition}: control -> target pairs"
+    ax.set_title(title)
     _tissue_axes(ax)
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     return ax
 
 
+UP_COLOUR, DOWN_COLOUR = "#c0392b", "#2e86c1"
+
+
 def signature_genes(signatures_dir: Signatures | str | Path, transition: str | None = None, n: int = 10,
                     ax: Axes | None = None, *, direction: str = "up") -> Axes:
-    """Horizontal bars of the `n` genes with the largest (direction "up") or smallest ("down")
-    Delta g = mean log-expression of the targets - that of their controls, for one transition.
+    """Horizontal bars of the top signature genes of one transition, by Delta g = mean
+    log-expression of the targets - that of their controls (paper Eq. 11).
+
+    direction: "up" = the `n` genes with the largest positive Delta g, "down" = the `n` most
+    negative, "both" = both lists (up above, down below). Genes whose Delta g has the other
+    sign are never listed, so a list can be shorter than `n`.
 
     Args:
         signatures_dir: a `spatia pair` output folder, its signatures.npz, or a `Signatures`.
         transition: the transition_tag; None when the folder holds one transition.
     """
-    from spatia.perturb.signatures import Signatures
+    from matplotlib.patches import Patch
 
-    signatures = signatures_dir if isinstance(signatures_dir, Signatures) else _read_signatures(signatures_dir)
+    signatures = _signatures(signatures_dir)
     if transition is None:
         if len(signatures.transitions) != 1:
             raise InputDataError(f"the signatures hold {len(signatures.transitions)} transitions",
@@ -147,21 +167,32 @@ def signature_genes(signatures_dir: Signatures | str | Path, transition: str | N
         transition = signatures.transitions[0]
     if transition not in signatures.transitions:
         raise InputDataError(f"no signature of transition {transition!r}", fix=f"use one of {signatures.transitions}")
-    if direction not in ("up", "down"):
-        raise ValueError(f"direction must be 'up' or 'down', not {direction!r}")
+    if direction not in ("up", "down", "both"):
+        raise ValueError(f"direction must be 'up', 'down' or 'both', not {direction!r}")
     t = signatures.transitions.index(transition)
-    genes = signatures.top_genes(transition, n, direction=direction)
-    delta = signatures.delta[t, [signatures.genes.index(g) for g in genes]]
+    row = dict(zip(signatures.genes, signatures.delta[t]))
+    genes = []
+    if direction in ("up", "both"):
+        genes += [g for g in signatures.top_genes(transition, n, direction="up") if row[g] > 0]
+    if direction in ("down", "both"):
+        down = [g for g in signatures.top_genes(transition, n, direction="down") if row[g] < 0]
+        genes += down[::-1] if direction == "both" else down  # "both": the most negative at the bottom
+    delta = np.array([row[g] for g in genes], dtype=np.float64)
 
-    ax = _axes(ax, figsize=(5.5, 0.3 * len(genes) + 1.4))
-    positions = np.arange(len(genes))[::-1]  # the strongest at the top
-    ax.barh(positions, delta, color=np.where(delta >= 0, "#c0392b", "#2e86c1"))
+    ax = _axes(ax, figsize=(5.5, 0.3 * len(genes) + 1.6))
+    positions = np.arange(len(genes))[::-1]  # the first listed at the top
+    ax.barh(positions, delta, color=np.where(delta >= 0, UP_COLOUR, DOWN_COLOUR))
     ax.set_yticks(positions, genes)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("Delta g (mean log-expression, target - control)")
     ax.set_ylabel("gene")
-    ax.set_title(f"{transition}: top {len(genes)} signature genes ({direction}, "
-                 f"{int(signatures.n_pairs[t])} pairs)")
+    ax.set_title(f"{transition}: top signature genes ({int(signatures.n_pairs[t])} pairs)" if direction == "both"
+                 else f"{transition}: top {len(genes)} signature genes ({direction}, "
+                      f"{int(signatures.n_pairs[t])} pairs)")
+    ax.legend(handles=[Patch(color=UP_COLOUR, label="higher in target"),
+                       Patch(color=DOWN_COLOUR, label="higher in control")], fontsize=7, loc="lower right")
+    if not genes:
+        ax.text(0.5, 0.5, "no gene changes", transform=ax.transAxes, ha="center", va="center")
     return ax
 
 
@@ -230,6 +261,12 @@ def _read_pairs(source) -> pd.DataFrame:
     if missing:
         raise InputDataError(f"the pairs table lacks columns {missing}", fix="give the pairs written by `spatia pair`")
     return table
+
+
+def _signatures(source) -> Signatures:
+    from spatia.perturb.signatures import Signatures
+
+    return source if isinstance(source, Signatures) else _read_signatures(source)
 
 
 def _read_signatures(source) -> Signatures:

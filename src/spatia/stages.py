@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from spatia.errors import ConfigError, InputDataError
-from spatia.keys import EMBEDDING_KEY_OF_MODALITY, RUN_RECORD_NAME, X_SPATIA_GENE, X_SPATIA_IMAGE, X_SPATIA_NICHE
+from spatia.keys import (
+    EMBEDDED_FLAG,
+    EMBEDDING_KEY_OF_MODALITY,
+    RUN_RECORD_NAME,
+    SKIP_REASON,
+    X_SPATIA_GENE,
+    X_SPATIA_IMAGE,
+    X_SPATIA_IMAGE_CELL,
+)
 from spatia.outputs import refuse_existing, write_run_record
 
 if TYPE_CHECKING:
@@ -230,6 +238,13 @@ def embed(dataset: str | Path, checkpoint: str | Path, out: str | Path, config: 
     figures = {"cells": result.n_cells, "obsm": list(result.obsm_keys), "seconds": round(result.seconds, 2),
                "cells_per_second": round(result.cells_per_second, 1),
                "embedding_key": EMBEDDING_KEY_OF_MODALITY[config.modality]}
+    if result.adata is not None and EMBEDDED_FLAG in result.adata.obs:
+        embedded = result.adata.obs[EMBEDDED_FLAG].to_numpy(dtype=bool)
+        if not embedded.all():  # kept as rows with NaN embeddings, which scanpy's neighbours refuse
+            figures["skipped_cells"] = int((~embedded).sum())
+            figures["note"] = (f"{int((~embedded).sum())} cells the build skipped are rows with NaN embeddings "
+                               f"(obs['{EMBEDDED_FLAG}'] False, reason in obs['{SKIP_REASON}']); for scanpy use "
+                               f"adata[adata.obs['{EMBEDDED_FLAG}']].copy()")
     if result.path is None:  # another DDP rank: the first one writes
         return StageResult("embed", None, figures, result)
     write_run_record(out.parent, "embed", config, seed, name=record_path.name, results=figures,
@@ -315,9 +330,11 @@ def evaluate(cells: str | Path, out: str | Path, config: EvaluateConfig,
     if inputs.image_embeddings is not None:
         image = read_anndata(inputs.image_embeddings, what="image-only embedding file")
         add_modality_embedding(adata, image, X_SPATIA_IMAGE, source=inputs.image_embeddings)
-        if X_SPATIA_NICHE in image.obsm:  # the niche level of the image-only model: the patch-level task's input
-            add_modality_embedding(adata, image, f"{X_SPATIA_IMAGE}_niche", source_key=X_SPATIA_NICHE,
-                                   source=inputs.image_embeddings)
+        # its cell level (the per-cell morphology representation: the context of the unified one is
+        # noise for per-cell tasks) and niche level (the patch task's input)
+        for key in (X_SPATIA_IMAGE_CELL, f"{X_SPATIA_IMAGE}_niche"):
+            if key in image.obsm:
+                add_modality_embedding(adata, image, key, source=inputs.image_embeddings)
     if inputs.gene_embeddings is not None:
         add_modality_embedding(adata, read_anndata(inputs.gene_embeddings, what="gene-only embedding file"),
                                X_SPATIA_GENE, source=inputs.gene_embeddings)
@@ -393,7 +410,7 @@ def pair(cells: str | Path, out: str | Path, config: PairingConfig, *, transitio
         add_annotations(adata, annotations)
     with naming_the_file(cells):
         result = pair_cells(adata, spec, config)
-    write_pairing(result, out)
+    write_pairing(result, out, adata)
     figures = {"n_pairs": len(result.pairs), "transitions": result.summary()}
     write_run_record(out, "pair", config, config.seed, results=figures, inputs={
         "cells": _path_or_none(cells), "transitions": _path_or_none(transitions_path),
@@ -444,3 +461,14 @@ def flow_ablate(dataset: str | Path, pairs: str | Path, embeddings: str | Path, 
 
     result = run(dataset, pairs, embeddings, out, config if config is not None else FlowAblateConfig(), seed)
     return StageResult("flow ablate", Path(out), result.summary(), result)
+
+
+def flow_crossmodal(dataset: str | Path, gene_embeddings: str | Path, flow_dir: str | Path, out: str | Path,
+                    config=None, *, seed: int = 0) -> StageResult:
+    """Cross-modal generation (Table 11): a cell crop from the cell's gene-only embedding, decoded by a
+    trained flow's frozen autoencoder; PSNR/SSIM against the real crop and a label-mean baseline."""
+    from spatia.flow import CrossModalConfig
+    from spatia.flow import flow_crossmodal as run
+
+    result = run(dataset, gene_embeddings, flow_dir, out, config if config is not None else CrossModalConfig(), seed=seed)
+    return StageResult("flow crossmodal", Path(out), result.summary(), result)

@@ -14,12 +14,18 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from spatia.errors import ConfigError, InputDataError
-from spatia.keys import EMBEDDING_KEY_OF_MODALITY, LEVELS, UNS_KEY, X_SPATIA
+from spatia.keys import (
+    EMBEDDED_FLAG,
+    EMBEDDING_KEY_OF_MODALITY,
+    EMBEDDING_KEYS_OF_MODALITY,
+    LEVELS,
+    UNS_KEY,
+    X_SPATIA,
+)
 
 if TYPE_CHECKING:
     import anndata
 
-EMBEDDED_FLAG = "spatia_embedded"  # obs: True where the cell got an embedding
 MIN_MATCHED_SHARE = 0.5  # fewer of the AnnData's cells found in the dataset: the wrong dataset
 
 
@@ -53,8 +59,8 @@ def embed(
         copy: with an AnnData, return an updated copy instead of writing into it.
 
     Returns:
-        Given a dataset path: the new AnnData (counts in `.X`, obs from the dataset's cell index,
-        obsm embeddings and `spatial`). Given an AnnData: None (written in place), or the copy.
+        Given a dataset path: the new AnnData of `spatia embed` (every cell of the bundle in its
+        order, counts in `.X`, obs from the dataset's cell index, obsm embeddings and `spatial`). Given an AnnData: None (written in place), or the copy.
         Either way `obs["spatia_embedded"]` says which cells got an embedding; the others (cells
         the dataset skipped, e.g. without counts, or outside `splits`) hold NaN rows, and
         `uns[key_added]` records the checkpoint, dataset, modality and levels.
@@ -88,17 +94,18 @@ def embed(
     params = {"checkpoint": str(Path(checkpoint).resolve()), "dataset": str(dataset.resolve()), "modality": modality,
               "levels": list(embedded.uns[UNS_KEY]["levels"]), "obsm_keys": sorted(arrays)}
 
-    if adata is None:  # a new AnnData of the dataset's cells
-        for key in [k for k in embedded.obsm if k in EMBEDDING_KEY_OF_MODALITY.values() or k.startswith(X_SPATIA)]:
+    flag = embedded.obs[EMBEDDED_FLAG].to_numpy(dtype=bool)
+    if adata is None:  # a new AnnData of the dataset's cells (those the build skipped flagged, NaN rows)
+        for key in [k for k in embedded.obsm if k.startswith(X_SPATIA)]:
             del embedded.obsm[key]
         embedded.obsm.update(arrays)
-        embedded.obs[EMBEDDED_FLAG] = True
-        embedded.uns[key_added] = {**params, "n_embedded": int(embedded.n_obs)}
+        embedded.uns[key_added] = {**params, "n_embedded": int(flag.sum())}
         return embedded
 
     target = adata.copy() if copy else adata
     rows = _matching_rows(target, embedded.obs_names, dataset=dataset, splits=splits)
     hit = rows >= 0
+    hit[hit] = flag[rows[hit]]
     for key, values in arrays.items():
         full = np.full((target.n_obs, values.shape[1]), np.nan, dtype=np.float32)
         full[hit] = values[rows[hit]]
@@ -136,15 +143,11 @@ def _dataset_cell_names(dataset: Path) -> np.ndarray:
 
 def _embeddings(embedded, modality: str, key_added: str) -> dict[str, np.ndarray]:
     """The unified and level embeddings of `embed_dataset`'s AnnData under the caller's keys."""
-    source = EMBEDDING_KEY_OF_MODALITY.get(modality, X_SPATIA)
-    if source not in embedded.obsm:  # embed_dataset keys every modality's z as X_spatia
-        source = X_SPATIA
-    arrays = {key_added: np.asarray(embedded.obsm[source], dtype=np.float32)}
+    keys = EMBEDDING_KEYS_OF_MODALITY[modality]
+    arrays = {key_added: np.asarray(embedded.obsm[keys["z"]], dtype=np.float32)}
     for level in LEVELS:
-        for candidate in (f"{source}_{level}", f"{X_SPATIA}_{level}"):
-            if candidate in embedded.obsm:
-                arrays[f"{key_added}_{level}"] = np.asarray(embedded.obsm[candidate], dtype=np.float32)
-                break
+        if keys[f"z_{level}"] in embedded.obsm:
+            arrays[f"{key_added}_{level}"] = np.asarray(embedded.obsm[keys[f"z_{level}"]], dtype=np.float32)
     return arrays
 
 

@@ -11,6 +11,7 @@ import json
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from spatia import __version__
@@ -20,8 +21,29 @@ from spatia.errors import SpatiaError
 USER_ERROR_EXIT_CODE = 2
 
 
-class _SpatiaGroup(TyperGroup):
-    """Turns `SpatiaError` into a short message and exit code 2, for every command."""
+def _flag_help_option(command, ctx):
+    """Show `--help` as the flag it is: click 8.5's help option renders as `--help <bool>` in
+    Typer's help panels unless its metavar is empty."""
+    option = command.get_help_option(ctx)
+    if option is not None:
+        option.metavar = ""
+
+
+class SpatiaGroup(TyperGroup):
+    """Turns `SpatiaError` into a short message and exit code 2, for every command; every
+    command's `--help` shown as a flag."""
+
+    def get_help_option(self, ctx):  # noqa: D102
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def get_command(self, ctx, cmd_name):  # noqa: D102
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _flag_help_option(command, ctx)
+        return command
 
     def invoke(self, ctx):  # noqa: D102
         try:
@@ -38,12 +60,13 @@ class _SpatiaGroup(TyperGroup):
 
 
 def _print_error(error: SpatiaError) -> None:
-    console.print(f"[bold red]error:[/bold red] {error.message}", markup=True, highlight=False)
+    # soft_wrap: the terminal wraps long lines, so paths and names in the message stay whole
+    console.print(f"[bold red]error:[/bold red] {escape(error.message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
 
 app = typer.Typer(
-    cls=_SpatiaGroup,
+    cls=SpatiaGroup,
     name="spatia",
     help="SPATIA: multi-scale cell representations from Xenium spatial transcriptomics.",
     no_args_is_help=True,

@@ -2,7 +2,7 @@
 
 Each command builds the stage's typed config (a preset, then an optional YAML/JSON file, then
 the options given) with `spatia.config.load_config` and calls the library function (through
-`spatia.stages` where it wraps one; `crossmodal` calls `spatia.flow.flow_crossmodal` directly);
+`spatia.stages`);
 it prints the result's summary.
 """
 
@@ -14,11 +14,11 @@ from typing import Annotated
 
 import typer
 
-from spatia.cli._app import QuietOption, SeedOption, configure_run
+from spatia.cli._app import QuietOption, SeedOption, SpatiaGroup, configure_run
 from spatia.console import console
 
-flow_app = typer.Typer(help="Morphology generation: train, generate, evaluate, ablate, crossmodal.", no_args_is_help=True,
-                       pretty_exceptions_enable=False, add_completion=False)
+flow_app = typer.Typer(cls=SpatiaGroup, help="Morphology generation: train, generate, evaluate, ablate, crossmodal.",
+                       no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 PresetOption = Annotated[str, typer.Option("--config", help="Preset (tiny, demo, default) or a YAML/JSON file of "
                                            "settings over the default preset.")]
@@ -169,15 +169,16 @@ def crossmodal_command(
                                            "decodes the generated latents.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder to create (must not exist).")],
     label_key: Annotated[str, typer.Option("--label-key", help="obs column of the label-mean-crop baseline (auto: "
-                                           "truth_cell_type, else the first label_* column).")] = "auto",
+                                           "truth_cell_type, else the bundle's first clustering).")] = "auto",
     steps: Annotated[int, typer.Option("--steps", help="Training steps of the embedding -> latent MLP.")] = 1500,
     seed: SeedOption = 0,
     quiet: QuietOption = False,
 ) -> None:
     """Cross-modal generation (Table 11): a cell image from its gene-only embedding, scored by PSNR/SSIM."""
+    from spatia import stages
     from spatia.config import load_config
-    from spatia.flow import CrossModalConfig, flow_crossmodal
+    from spatia.flow import CrossModalConfig
 
     configure_run(quiet)
     cfg = load_config(CrossModalConfig, overrides={"label_key": label_key, "steps": steps})
-    _print(flow_crossmodal(dataset, gene_embeddings, flow_dir, out, cfg, seed=seed).summary())
+    _print(stages.flow_crossmodal(dataset, gene_embeddings, flow_dir, out, cfg, seed=seed).summary())

@@ -37,7 +37,7 @@ def _parse_slide_splits(items: list[str]) -> dict[str, str]:
 
 @app.command("build")
 def build(
-    bundles: Annotated[list[Path], typer.Argument(help="Xenium output folders, one per slide.")],
+    bundles: Annotated[list[Path], typer.Argument(help="Xenium output folders (or SpatialData .zarr stores, with the spatialdata extra), one per slide.")],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Dataset directory: new, or an interrupted build of the same inputs (resumed).")
     ],

@@ -22,7 +22,7 @@ from spatia.evaluate.crops import (
     load_crops_npz,
     niche_crops_from_mist,
 )
-from spatia.evaluate.inputs import add_modality_embedding
+from spatia.evaluate.inputs import add_modality_embedding, embedded_cells
 from spatia.evaluate.morphology import morphology_features
 from spatia.evaluate.report import metrics_payload, render_markdown, write_report
 from spatia.evaluate.run import evaluate
@@ -40,6 +40,7 @@ __all__ = [
     "add_modality_embedding",
     "align_crops",
     "crops_from_mist",
+    "embedded_cells",
     "evaluate",
     "hold_out_mask",
     "load_crops_npz",

@@ -103,7 +103,7 @@ class EvaluateConfig:
     leiden_resolutions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)
     n_neighbors: int = 15
     cluster_max_dim: int = 50
-    expression_inputs: tuple[str, ...] = ("X_spatia_image", "morphology")
+    expression_inputs: tuple[str, ...] = ("X_spatia_image_cell", "X_spatia_image", "morphology")
     n_hvg: int = 50
     hvg_min_detection: float = 0.02
     xgb_estimators: int = 100

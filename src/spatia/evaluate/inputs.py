@@ -18,9 +18,15 @@ from spatia.evaluate import baselines
 from spatia.evaluate.config import EvaluateConfig
 from spatia.evaluate.crops import CellCrops, align_crops
 from spatia.evaluate.morphology import morphology_features
-from spatia.evaluate.splits import spatial_block_split, split_from_column, summarise_split
+from spatia.evaluate.splits import (
+    spatial_block_split,
+    split_from_column,
+    summarise_split,
+)
 from spatia.expression import expression_pca
 from spatia.keys import (
+    EMBEDDED_FLAG,
+    EMBEDDING_KEY_OF_MODALITY,
     EMBEDDING_KEYS,
     EMBEDDING_LABELS,
     SPATIAL_KEY,
@@ -29,17 +35,18 @@ from spatia.keys import (
     X_SPATIA_CELL,
     X_SPATIA_GENE,
     X_SPATIA_IMAGE,
+    X_SPATIA_IMAGE_CELL,
     X_SPATIA_NICHE,
     X_SPATIA_TISSUE,
 )
 
 log = logging.getLogger(__name__)
 
-X_SPATIA_IMAGE_NICHE = "X_spatia_image_niche"  # niche level of the image-only embedding
+X_SPATIA_IMAGE_NICHE = "X_spatia_image_niche"  # niche level of the image-only embedding (`spatia embed --modality image`)
 MORPHOLOGY_KEY = "X_morphology"  # obsm: precomputed per-cell morphology features
 
 # Paper Table 4 order: gene-only, image-only, cell level, + niche, + tissue, unified.
-ABLATION_ORDER = (X_SPATIA_GENE, X_SPATIA_IMAGE, X_SPATIA_CELL, "X_spatia_cell+niche", "X_spatia_cell+niche+tissue",
+ABLATION_ORDER = (X_SPATIA_GENE, X_SPATIA_IMAGE_CELL, X_SPATIA_IMAGE, X_SPATIA_CELL, "X_spatia_cell+niche", "X_spatia_cell+niche+tissue",
                   X_SPATIA_NICHE, X_SPATIA_TISSUE, X_SPATIA)
 DISPLAY_NAMES = {
     **EMBEDDING_LABELS,
@@ -226,18 +233,43 @@ def build_representations(adata, config: EvaluateConfig, counts: sp.csr_matrix, 
     return reps, meta
 
 
-def add_modality_embedding(adata, other, target_key: str, *, source_key: str = X_SPATIA,
-                           source: str | Path | None = None) -> None:
-    """Copy `other.obsm[source_key]` into `adata.obsm[target_key]`, matching cells by obs_names.
+def embedded_cells(adata):
+    """The cells of `adata` that got an embedding: `spatia embed` keeps the cells the MIST build
+    skipped as rows flagged ``obs["spatia_embedded"] == False`` with NaN embeddings; evaluation
+    uses the others. An AnnData without the flag is returned as it is."""
+    if EMBEDDED_FLAG not in adata.obs.columns:
+        return adata
+    flag = adata.obs[EMBEDDED_FLAG].to_numpy(dtype=bool, na_value=False)
+    if flag.all():
+        return adata
+    if not flag.any():
+        raise InputDataError(f'no cell has an embedding (obs["{EMBEDDED_FLAG}"] is False for all {adata.n_obs})',
+                             fix="embed the MIST dataset of these cells with `spatia embed`")
+    log.info("evaluating the %d of %d cells with an embedding (the MIST build skipped the others)", int(flag.sum()),
+             adata.n_obs)
+    return adata[flag].copy()
 
-    `spatia embed --modality image` (or ``gene``) writes its embedding as ``X_spatia`` of its
-    own AnnData; this puts it beside the unified embeddings as ``X_spatia_image`` (or
-    ``X_spatia_gene``; with ``source_key="X_spatia_niche"`` the image-only niche level as
-    ``X_spatia_image_niche``). Every cell of `adata` must be in `other`.
+
+def add_modality_embedding(adata, other, key: str, *, source_key: str | None = None,
+                           source: str | Path | None = None) -> None:
+    """Copy `other.obsm[source_key or key]` into `adata.obsm[key]`, matching cells by obs_names.
+
+    `spatia embed --modality image` (or ``gene``) writes its embeddings under their own keys
+    (``X_spatia_image``, ``X_spatia_image_niche``, ...; ``X_spatia_gene``, ...), so they merge
+    with the unified embeddings' file. Every cell of `adata` must be in `other`. A file written
+    before those keys existed (its embedding under ``X_spatia``) is refused, naming the fix.
     """
+    source_key = source_key or key
     if source_key not in other.obsm:
-        raise InputDataError(f'the AnnData has no obsm["{source_key}"] to take the {target_key} embedding from',
-                             path=source, fix="give the .h5ad written by `spatia embed --modality image|gene`")
+        modality = next((m for m, base in EMBEDDING_KEY_OF_MODALITY.items()
+                         if m != "both" and source_key.startswith(base)), None)
+        written = str(other.uns.get("spatia", {}).get("modality", "")) if hasattr(other, "uns") else ""
+        older = X_SPATIA in other.obsm and modality is not None and written == modality
+        problem = (f'the AnnData has no obsm["{source_key}"]'
+                   + (f' (an older `spatia embed --modality {modality}` kept it under "X_spatia")' if older else ""))
+        fix = (f"re-run `spatia embed --modality {modality}` to write {source_key}" if modality is not None
+               else f"give the .h5ad written by `spatia embed` with obsm['{source_key}']")
+        raise InputDataError(problem, path=source, fix=fix)
     rows = pd.Index(other.obs_names.astype(str)).get_indexer(adata.obs_names.astype(str))
     missing = int((rows < 0).sum())
     if missing:
@@ -245,4 +277,4 @@ def add_modality_embedding(adata, other, target_key: str, *, source_key: str = X
                              fix="embed the same MIST dataset (all splits) with both modalities")
     values = other.obsm[source_key]
     values = values.toarray() if sp.issparse(values) else np.asarray(values)
-    adata.obsm[target_key] = values[rows].astype(np.float32)
+    adata.obsm[key] = values[rows].astype(np.float32)

@@ -29,7 +29,7 @@ from spatia.console import progress
 from spatia.evaluate.baselines import Imputer
 from spatia.evaluate.config import TASKS, EvaluateConfig
 from spatia.evaluate.crops import CellCrops, NicheCrops
-from spatia.evaluate.inputs import build_representations, make_split, read_labels
+from spatia.evaluate.inputs import build_representations, embedded_cells, make_split, read_labels
 from spatia.evaluate.layout import layouts_2d
 from spatia.evaluate.metrics import skipped
 from spatia.evaluate.tasks import (
@@ -85,6 +85,7 @@ def _label_summary(labels: np.ndarray) -> dict[str, Any]:
 def _evaluate(adata, config: EvaluateConfig, crops: CellCrops | None, imputer: Imputer | None,
               niche_crops: NicheCrops | None) -> dict[str, Any]:
     t_start = time.perf_counter()
+    adata = embedded_cells(adata)  # rows `spatia embed` keeps for cells the build skipped: NaN embeddings
     label_sets = {column: read_labels(adata, column) for column in config.label_columns}
     primary = config.label_columns[0]
     if config.max_cells is not None and adata.n_obs > config.max_cells:

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from spatia.keys import X_SPATIA, X_SPATIA_GENE, X_SPATIA_IMAGE
+from spatia.keys import X_SPATIA, X_SPATIA_GENE, X_SPATIA_IMAGE, X_SPATIA_IMAGE_CELL
 
 BASELINE_KEYS = ("pca", "autoencoder", "scvi", "morphology", "pca+morphology", "niche_morphology",
                  "gene_mean", "knn_expression", "knn_pca", "knn_autoencoder", "knn_scvi", "knn_morphology",
                  "knn_pca+morphology")
 # SPATIA's row per task, first present wins: the unified embedding; for imputation the gene decoder,
 # then kNN on SPATIA; for expression from morphology (genes cannot be inputs) the image-only ones.
-SPATIA_PREFERENCE = (X_SPATIA, "model", f"knn_{X_SPATIA}", X_SPATIA_IMAGE, "X_spatia_image_niche",
+SPATIA_PREFERENCE = (X_SPATIA, "model", f"knn_{X_SPATIA}", X_SPATIA_IMAGE_CELL, X_SPATIA_IMAGE, "X_spatia_image_niche",
                      f"knn_{X_SPATIA_IMAGE}", X_SPATIA_GENE, f"knn_{X_SPATIA_GENE}")
 
 

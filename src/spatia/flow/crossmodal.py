@@ -1,7 +1,7 @@
 """`flow_crossmodal`: cross-modal generation (paper Table 11): gene-only embedding -> cell image.
 
 An MLP maps a cell's gene-only SPATIA embedding (`spatia embed --modality gene`, obsm
-`X_spatia`) to its standardised latent under a trained flow's frozen autoencoder; the decoded
+`X_spatia_gene`; the cells the MIST build skipped are left out) to its standardised latent under a trained flow's frozen autoencoder; the decoded
 latent is the generated crop. Trained on the MIST train split, scored on val + test cells with
 PSNR / SSIM against the real crop. Baseline: the mean train crop of the cell's label.
 
@@ -26,6 +26,7 @@ from spatia.flow.data import HELDOUT_SPLITS
 from spatia.flow.generate import write_grid
 from spatia.flow.quality import psnr, ssim
 from spatia.flow.train import load_autoencoder
+from spatia.keys import EMBEDDED_FLAG, UNS_KEY, X_SPATIA, X_SPATIA_GENE
 from spatia.outputs import atomic_output, refuse_existing, write_run_record
 
 
@@ -33,7 +34,7 @@ from spatia.outputs import atomic_output, refuse_existing, write_run_record
 class CrossModalConfig:
     """Gene embedding -> latent regression."""
 
-    label_key: str = "auto"      # obs column of the baseline's labels ("auto": truth_cell_type, else label_*)
+    label_key: str = "auto"      # obs column of the baseline's labels ("auto": truth_cell_type, else a clustering)
     hidden: int = 256
     steps: int = 1500
     batch_size: int = 128
@@ -51,12 +52,16 @@ class CrossModalResult:
         return {"out_dir": str(self.out_dir), **self.scores, "seconds": round(self.seconds, 1)}
 
 
-def _label_column(obs, key: str) -> str:
+def _label_column(adata, key: str) -> str:
+    """`key`, or for "auto" the simulator's truth_cell_type, else the bundle's first clustering
+    (`uns["spatia"]["label_columns"]` of `spatia embed`; `label_*` in files of older versions)."""
+    obs = adata.obs
     if key != "auto":
         if key not in obs:
             raise InputDataError(f"the embeddings have no obs column {key!r}", fix="pass an existing label column")
         return key
-    for name in ["truth_cell_type", *[c for c in obs.columns if str(c).startswith("label_")]]:
+    clusterings = [str(c) for c in adata.uns.get(UNS_KEY, {}).get("label_columns", [])]
+    for name in ["truth_cell_type", *clusterings, *[c for c in obs.columns if str(c).startswith("label_")]]:
         if name in obs:
             return name
     raise InputDataError("the embeddings have no label column for the baseline", fix="pass label_key")
@@ -78,9 +83,13 @@ def flow_crossmodal(dataset: str | Path, gene_embeddings: str | Path, flow_dir: 
             raise InputDataError(f"the {what} file or folder does not exist", path=path, fix=fix)
     torch.manual_seed(seed)
     adata = ad.read_h5ad(gene_embeddings)
-    if "X_spatia" not in adata.obsm:
-        raise InputDataError("the embeddings lack obsm['X_spatia']", path=gene_embeddings,
-                             fix="use `spatia embed --modality gene`")
+    if X_SPATIA_GENE not in adata.obsm:
+        older = X_SPATIA in adata.obsm and str(adata.uns.get(UNS_KEY, {}).get("modality", "")) == "gene"
+        raise InputDataError(f"the embeddings lack obsm[{X_SPATIA_GENE!r}]"
+                             + (" (an older `spatia embed --modality gene` kept it under 'X_spatia')" if older else ""),
+                             path=gene_embeddings, fix=f"re-run `spatia embed --modality gene` to write {X_SPATIA_GENE}")
+    if EMBEDDED_FLAG in adata.obs:  # cells the MIST build skipped: NaN embeddings, no crop
+        adata = adata[adata.obs[EMBEDDED_FLAG].to_numpy(dtype=bool, na_value=False)].copy()
     names = np.asarray(adata.obs_names).astype(str)
     images, masks = align_crops(crops_from_mist(dataset, list(names)), names)
     split = adata.obs["split"].astype(str).to_numpy()
@@ -88,10 +97,10 @@ def flow_crossmodal(dataset: str | Path, gene_embeddings: str | Path, flow_dir: 
     if train.sum() < 10 or test.sum() < 2:
         raise InputDataError(f"{int(train.sum())} train and {int(test.sum())} val/test cells", path=gene_embeddings,
                              fix="embed every split of the dataset")
-    labels = adata.obs[_label_column(adata.obs, config.label_key)].astype(str).to_numpy()
+    labels = adata.obs[_label_column(adata, config.label_key)].astype(str).to_numpy()
     ae, stats, _ = load_autoencoder(Path(flow_dir) / "autoencoder.pt")
     lat = stats.standardise(encode_all(ae, images, masks))
-    z = torch.from_numpy(np.asarray(adata.obsm["X_spatia"], dtype=np.float32))
+    z = torch.from_numpy(np.asarray(adata.obsm[X_SPATIA_GENE], dtype=np.float32))
     mu, sd = z[train].mean(0), z[train].std(0).clamp_min(1e-6)
     z = (z - mu) / sd
     shape = lat.shape[1:]

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from spatia.errors import InputDataError
+from spatia.keys import EMBEDDED_FLAG, EMBEDDING_KEYS_OF_MODALITY, X_SPATIA
 
 log = logging.getLogger(__name__)
 
@@ -94,22 +95,28 @@ def load_flow_data(dataset: str | Path, pairs_dir: str | Path, embeddings: str |
 
     adata = ad.read_h5ad(embeddings, backed="r")
     names = pd.Index(np.asarray(adata.obs_names).astype(str))
+    # cells the MIST build skipped are rows of the file with NaN embeddings and no crop: unusable
+    embedded = (adata.obs[EMBEDDED_FLAG].to_numpy(dtype=bool, na_value=False) if EMBEDDED_FLAG in adata.obs
+                else np.ones(len(names), dtype=bool))
     ctrl = names.get_indexer(pairs["x_ctrl_id"].astype(str))
     tgt = names.get_indexer(pairs["x_tgt_id"].astype(str))
     found = (ctrl >= 0) & (tgt >= 0)
+    found[found] = embedded[ctrl[found]] & embedded[tgt[found]]
     if found.mean() < 0.5:
-        raise InputDataError(f"only {int(found.sum())} of {len(pairs)} pairs have both cells in the embeddings",
+        raise InputDataError(f"only {int(found.sum())} of {len(pairs)} pairs have both cells embedded in the embeddings",
                              path=embeddings, fix="embed the same cells (the MIST dataset of the bundle that was paired)")
     if not found.all():
-        log.warning("%d of %d pairs have a cell missing from the embeddings; left out", int((~found).sum()), len(pairs))
+        log.warning("%d of %d pairs have a cell missing from the embeddings or skipped by the MIST build; left out",
+                    int((~found).sum()), len(pairs))
     pairs = pairs.assign(pair_id=np.arange(len(pairs)))[found].reset_index(drop=True)
     ctrl, tgt = ctrl[found], tgt[found]
     used = np.unique(np.concatenate([ctrl, tgt]))
     local = np.full(len(names), -1, dtype=np.int64)
     local[used] = np.arange(len(used))
-    keys = [k for k in ("X_spatia", "X_spatia_cell", "X_spatia_niche", "X_spatia_tissue") if k in adata.obsm]
-    if "X_spatia" not in keys:
-        raise InputDataError("the embeddings lack obsm['X_spatia']", path=embeddings, fix="use the .h5ad written by `spatia embed`")
+    keys = [k for k in EMBEDDING_KEYS_OF_MODALITY["both"].values() if k in adata.obsm]
+    if X_SPATIA not in keys:
+        raise InputDataError("the embeddings lack obsm['X_spatia']", path=embeddings,
+                             fix="use the .h5ad written by `spatia embed` (modality both)")
     emb = {k: np.asarray(adata.obsm[k][used], dtype=np.float32) for k in keys}
     obs = adata.obs.iloc[used]
     cell_ids = names[used].to_numpy()

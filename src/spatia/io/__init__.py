@@ -2,7 +2,7 @@
 
 Modules, by job: `bundle` (which file holds what), `xenium` (`read_xenium`), `slide`
 (`XeniumSlide`), `tables` (generic tables, cells, clusterings), `polygons`, `matrix` (the 10x
-feature matrix), `image` (`MorphologyImage`), `he_image` (`HEImage`), `tiff` (the tile decoder).
+feature matrix), `image` (`MorphologyImage`), `he_image` (`HEImage`), `tiff` (the tile decoder), `spatialdata` (SpatialData in and out; optional extra).
 The simulator that writes bundles is `spatia.sim`; `io` only reads.
 
 Entry point: `read_xenium(path) -> XeniumSlide`. Conventions (docs/io.md): micrometres in
@@ -16,6 +16,7 @@ from spatia.io.matrix import FeatureMatrix, FeatureMatrixFile, open_feature_matr
 from spatia.io.polygons import CellPolygons
 from spatia.io.bundle import BundleFiles, find_bundle_files, read_experiment
 from spatia.io.slide import DeferredTables, XeniumSlide
+from spatia.io.spatialdata import read_spatialdata
 from spatia.io.xenium import read_xenium
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "open_feature_matrix",
     "read_experiment",
     "read_feature_matrix",
+    "read_spatialdata",
     "read_xenium",
 ]

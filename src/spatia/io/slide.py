@@ -117,7 +117,8 @@ class XeniumSlide:
     def to_anndata(self) -> anndata.AnnData:
         """An AnnData ready for scanpy and for ``write_h5ad``.
 
-        ``.X``: CSR raw gene counts. ``var``: index gene names (made unique), ``gene_ids``,
+        ``.X``: CSR raw gene counts as float32 (whole numbers; scanpy's normalisation works in
+        place on it, and `spatia embed` writes the same dtype, so the two files merge). ``var``: index gene names (made unique), ``gene_ids``,
         ``feature_types``. ``obs``: the `cells` columns (text as categorical), plus
         ``gene_counts_total``, ``control_counts_total`` and ``control_counts_<type>`` per control
         type. ``obsm["spatial"]``: float64 (n_cells, 2) x_um, y_um. ``obsm["control_counts"]``:
@@ -181,7 +182,7 @@ class XeniumSlide:
                 "he_to_morphology_px": np.asarray(self.he.he_to_morphology_px),
             }
         adata = ad.AnnData(
-            X=sp.csr_matrix(self.counts),
+            X=sp.csr_matrix(self.counts, dtype=np.float32),
             obs=obs,
             var=var,
             obsm={
@@ -191,6 +192,13 @@ class XeniumSlide:
             uns=uns,
         )
         return adata
+
+    def to_spatialdata(self, **options: Any) -> Any:
+        """A `spatialdata.SpatialData` laid out as spatialdata-io's Xenium reader does (optional
+        extra ``spatia[spatialdata]``); options and elements: `spatia.io.spatialdata.to_spatialdata`."""
+        from spatia.io.spatialdata import to_spatialdata
+
+        return to_spatialdata(self, **options)
 
     # -- summary ------------------------------------------------------------------------------
 

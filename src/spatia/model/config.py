@@ -65,7 +65,8 @@ class GeneConfig:
     max_tokens: int | None = None
     mask_ratio: float = 0.25        # masked gene modelling: share of the selected tokens hidden
     withhold_ratio: float = 0.15    # share of training cells whose genes are all hidden (image-only)
-    profile_token: bool = True      # one more token: Linear(G, dim) of the cell's visible profile
+    profile_token: bool = True      # one more token: an encoding of the cell's visible profile
+    profile_hidden: int = 0         # profile encoder: 0 = Linear(G, dim); > 0 = Linear(G, h)-GELU-Linear(h, dim)
     target_sum: float = 10000.0     # expression = log1p(counts / total_measured * target_sum)
     max_value: float = 12.0         # normalised values are clipped here before the value encoder
     freeze_embeddings: bool = False  # freeze the gene-ID embedding (e.g. after loading vectors)
@@ -81,6 +82,8 @@ class FusionConfig:
     layers: int = 1                 # cross-attention blocks of the cell fusion
     final_layers: int = 1           # cross-attention blocks of the final fusion (Eq. 4)
     dropout: float = 0.0
+    gene_residual: bool = True      # z_cell += W * (gene encoder's profile token): the gene summary
+                                    # reaches z_cell without passing through the image queries
 
 
 @dataclass
@@ -127,10 +130,13 @@ class GeneDecoderConfig:
 
 @dataclass
 class LevelLossWeights:
-    """lambda_cell (image reconstruction) and lambda_gene (masked gene modelling) of one level."""
+    """lambda_cell (image reconstruction) and lambda_gene (masked gene modelling) of one level;
+    `morphometry` (cell level only): predicting the crop's hand-made measures from the image
+    encoder (`spatia.model.morphometry`; not in the paper)."""
 
     image: float = 1.0
     gene: float = 1.0
+    morphometry: float = 0.0
 
 
 @dataclass
@@ -329,6 +335,12 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
     ratio("gene.withhold_ratio", config.gene.withhold_ratio)
     positive("gene.target_sum", config.gene.target_sum)
     positive("gene.max_value", config.gene.max_value)
+    if config.gene.profile_hidden < 0:
+        fail("gene.profile_hidden", f"must be 0 or more, not {config.gene.profile_hidden}",
+             "set it to 0 (a linear profile encoder) or a hidden width such as 256")
+    if config.fusion.gene_residual and not config.gene.profile_token:
+        fail("fusion.gene_residual", "needs gene.profile_token (the residual is that token)",
+             "set gene.profile_token: true, or fusion.gene_residual: false")
     positive("gene_decoder.dim", config.gene_decoder.dim)
     if config.gene_decoder.layers < 0:
         fail("gene_decoder.layers", f"must be 0 or more, not {config.gene_decoder.layers}",
@@ -342,6 +354,9 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
         fail("train.weight_decay", "must be 0 or more", "set it to e.g. 0.05")
     for level in ("cell", "niche", "tissue"):
         weights = getattr(config.loss, level)
-        for key in ("image", "gene"):
+        for key in ("image", "gene", "morphometry"):
             if getattr(weights, key) < 0:
                 fail(f"loss.{level}.{key}", "must be 0 or more", "set the weight to 0 to switch it off")
+        if level != "cell" and weights.morphometry != 0:
+            fail(f"loss.{level}.morphometry", "is defined for the cell level only (it needs the cell mask)",
+                 f"set loss.{level}.morphometry to 0")

@@ -33,12 +33,15 @@ class CellFusion(nn.Module):
             for _ in range(cfg.layers)
         )
         self.norm = nn.LayerNorm(cfg.dim)
+        self.gene_summary = nn.Linear(gene_dim, cfg.dim) if cfg.gene_residual else None
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.null_kv, std=0.02)
 
-    def forward(self, image_tokens: torch.Tensor, gene_tokens: torch.Tensor, gene_valid: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image_tokens: torch.Tensor, gene_tokens: torch.Tensor, gene_valid: torch.Tensor,
+                gene_summary: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """gene_summary (B, gene_dim): the gene encoder's profile token, 0 for cells without genes;
+        added to z_cell through `gene_summary` when `fusion.gene_residual`."""
         b = image_tokens.shape[0]
         kv = torch.cat([self.null_kv.expand(b, -1, -1), gene_tokens], dim=1)
         valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=kv.device), gene_valid], dim=1)
@@ -46,7 +49,10 @@ class CellFusion(nn.Module):
         for block in self.blocks:
             q = block(q, kv, valid)
         fused = self.norm(q)
-        return fused, fused.mean(dim=1)
+        z_cell = fused.mean(dim=1)
+        if self.gene_summary is not None and gene_summary is not None:
+            z_cell = z_cell + self.gene_summary(gene_summary)
+        return fused, z_cell
 
 
 class FinalFusion(nn.Module):

@@ -22,6 +22,7 @@ from spatia.model.fusion import CellFusion, FinalFusion
 from spatia.model.gene import GeneEncoder, normalize_counts, read_gene_table, select_genes, split_masked
 from spatia.model.image import ImageEncoder, load_vitmae_weights, random_patch_mask
 from spatia.model.layers import init_weights, unpatchify
+from spatia.model.morphometry import morphometry_targets, n_morphometry_features, standardise_over_batch
 from spatia.model.niche import NicheAttention
 from spatia.model.tissue import TissueTransformer
 
@@ -116,6 +117,8 @@ class SpatiaModel(nn.Module):
             "tissue": ImageDecoder(decoder, dim, im.hidden_size, im.patch_size, im.channels),
         })
         self.gene_decoder = GeneDecoder(config.gene_decoder, dim, len(symbols))
+        self.morphometry_head = (nn.Linear(im.hidden_size, n_morphometry_features(im.channels))
+                                 if config.loss.cell.morphometry > 0 else None)
         self.apply(init_weights)
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters") and not isinstance(
@@ -146,7 +149,8 @@ class SpatiaModel(nn.Module):
         Every parameter is in exactly one group.
         """
         groups = {
-            "cell": [self.cell_image_encoder, self.gene_encoder, self.cell_fusion, self.image_decoders["cell"]],
+            "cell": [self.cell_image_encoder, self.gene_encoder, self.cell_fusion, self.image_decoders["cell"],
+                     self.morphometry_head],
             "niche": [self.niche_image_encoder, self.niche_attention, self.image_decoders["niche"]],
             "tissue": [self.tissue_image_encoder, self.tissue_transformer, self.image_decoders["tissue"]],
             "shared": [self.final_fusion, self.gene_decoder],
@@ -266,7 +270,10 @@ class SpatiaModel(nn.Module):
             withhold = draw < cfg.gene.withhold_ratio
         kept, _ = split_masked(selection, gene_ratio, withhold=withhold, generator=generator)
         gene_tokens, gene_valid = self.gene_encoder(kept.index, kept.take(values), kept.valid)
-        fused, z_cell = self.cell_fusion(cell["tokens"], gene_tokens, gene_valid)
+        summary = None
+        if cfg.fusion.gene_residual:  # the profile token (validated: gene.profile_token), 0 without genes
+            summary = gene_tokens[:, 0] * gene_valid[:, :1].to(gene_tokens.dtype)
+        fused, z_cell = self.cell_fusion(cell["tokens"], gene_tokens, gene_valid, summary)
 
         # ---- niche level (Eq. 5) and tissue level (Eq. 6)
         z_niche = z_tissue = niche_z = niche_tz = tissue_z = None
@@ -319,6 +326,13 @@ class SpatiaModel(nn.Module):
                 rec.gene_mean, rec.gene_dispersion, rec.gene_measured = mean, theta, level_measured
                 rec.gene_counts = torch.where(level_measured, counts.float(), torch.zeros((), device=counts.device))
             out.reconstructions[level] = rec
+        if self.morphometry_head is not None and use_image and "cell_mask" in batch:
+            # MaskFeat-style: the crop's hand-made measures from the visible patches' tokens
+            target = standardise_over_batch(morphometry_targets(batch["cell_image"], batch["cell_mask"]))
+            pred = self.morphometry_head(cell["tokens"].mean(dim=1)).float()
+            loss = torch.nn.functional.mse_loss(pred, target)
+            out.losses["cell/morphometry"] = loss
+            total = total + cfg.loss.cell.morphometry * loss
         out.losses["total"] = total
         return out
 

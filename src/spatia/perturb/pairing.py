@@ -22,8 +22,9 @@
 5. optionally swap a fraction of targets among pairs (`pair_noise`, the Table 5 ablation);
 6. compute the signatures Delta g (Eq. 11, `spatia.perturb.signatures`).
 
-`write_pairing(result, out_dir)` writes pairs.parquet, signatures.parquet/.npz,
-pairing_config.json, diagnostics.json and diagnostics.png into a new folder.
+`write_pairing(result, out_dir, adata)` writes pairs.parquet, signatures.parquet/.npz,
+pairing_config.json, diagnostics.json, diagnostics.png and the report (report.md/.html,
+pairs_map.png, signature_genes.png: `spatia.perturb.report`) into a new folder.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Writing a pairing: pairs.parquet, signatures, pairing_config.json, diagnostics (JSON and PNG)."""
+"""Writing a pairing: pairs.parquet, signatures, pairing_config.json, diagnostics (JSON and PNG) and the
+report (`spatia.perturb.report`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ import pandas as pd
 
 from spatia.outputs import atomic_output, write_json
 from spatia.perturb.pairing import CONFIG_FILE, DIAGNOSTICS_FILE, PAIRS_FILE, PLOT_FILE, PairingResult
+from spatia.perturb.report import write_report
 
 
-def write_pairing(result: PairingResult, out_dir: str | Path) -> Path:
-    """Write a new folder `out_dir` with the pairs, signatures, resolved config and diagnostics.
+def write_pairing(result: PairingResult, out_dir: str | Path, adata=None) -> Path:
+    """Write a new folder `out_dir` with the pairs, signatures, resolved config, diagnostics and report.
 
     pairs.parquet, signatures.parquet, signatures.npz, pairing_config.json (config +
-    transitions), diagnostics.json (summary per transition + one row per problem) and
-    diagnostics.png. Built under a temporary name and renamed when complete; an existing
-    `out_dir` raises `OutputExistsError`.
+    transitions), diagnostics.json (summary per transition + one row per problem),
+    diagnostics.png, and the report: report.md, report.html, signature_genes.png and, when
+    `adata` (the paired AnnData, for the positions of all cells) is given, pairs_map.png.
+    Built under a temporary name and renamed when complete; an existing `out_dir` raises
+    `OutputExistsError`.
     """
     out_dir = Path(out_dir)
     with atomic_output(out_dir) as tmp:
@@ -34,12 +38,13 @@ def write_pairing(result: PairingResult, out_dir: str | Path) -> Path:
             "target_sum": result.target_sum,
         })
         write_json(tmp / DIAGNOSTICS_FILE, {
-            "n_pairs": int(len(result.pairs)),
+            "n_pairs": len(result.pairs),
             "n_cells_without_counts": result.n_cells_without_counts,
             "transitions": result.summary(),
             "problems": _records(result.diagnostics),
         })
         plot_diagnostics(result, tmp / PLOT_FILE)
+        write_report(result, tmp, adata)
     return out_dir
 
 
@@ -51,14 +56,12 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def plot_diagnostics(result: PairingResult, path: str | Path) -> Path:
     """PNG with, per transition: match scores, control-target distances and target usage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot, so no backend switch in the user's session
 
     pairs = result.pairs
     names = [t.name for t in result.transitions]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
     for name in names:
         p = pairs[pairs["transition_tag"] == name]
         if len(p) == 0:
@@ -76,6 +79,5 @@ def plot_diagnostics(result: PairingResult, path: str | Path) -> Path:
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, family="monospace", va="bottom")
     axes[0].legend(fontsize=7)
     fig.tight_layout(rect=(0, 0.04 + 0.025 * len(lines), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=110, format="png")
     return Path(path)

@@ -1,18 +1,30 @@
 """`embed_dataset`: every cell of a MIST dataset -> an AnnData of SPATIA embeddings.
 
-The AnnData (one row per cell, in the dataset's cell-index order):
+The AnnData holds the same cells, in the same order and under the same names, as
+`read_xenium(bundle).to_anndata()` of the dataset's bundle(s) (`cells.h5ad`), so the two merge:
 
-- `.X`: raw counts (CSR float32, vocabulary order), `var_names` the gene vocabulary,
+- rows: every input cell, slide by slide in the bundle's cells.parquet order (the dataset's
+  `input_cells.parquet`), the cells the build skipped included; with `splits`, only the kept
+  cells of those splits (skipped cells belong to no split), in the same order. `obs_names` are
+  the Xenium cell IDs (`slide_id/cell_id` when IDs repeat across slides);
+- `obs["spatia_embedded"]` (bool): the cell got an embedding; `obs["spatia_skip_reason"]`: the
+  build's reason for the others ("zero_counts", "outside_image", ...; NaN for embedded cells);
+  their rows of every embedding are NaN;
+- `.X`: raw counts, CSR float32 (as in `to_anndata`), columns in the dataset's gene vocabulary
+  (sorted symbols; `to_anndata` keeps the panel's order: align with `adata[:, other.var_names]`),
   `var["n_slides_measured"]` how many slides measured each gene;
-- `obsm["X_spatia"]` (unified z, Eq. 4), `obsm["X_spatia_cell"]`, `obsm["X_spatia_niche"]`,
-  `obsm["X_spatia_tissue"]`: float32 (n_cells, D); the niche / tissue keys only when the
-  checkpoint's stage ran those levels;
-- `obsm["spatial"]`: cell centroids (x, y) in um;
-- `obs`: the dataset's cell index (slide_id, cell_id, split, niche_id, tissue_id, centroids,
-  QC, `label_*` clusterings, `truth_*` simulator ground truth); `obs_names` are the cell IDs
-  (`slide_id/cell_id` when IDs repeat across slides);
+- `obsm`: the unified embedding and its levels under the modality's keys
+  (`spatia.keys.EMBEDDING_KEYS_OF_MODALITY`): "both" -> `X_spatia`, `X_spatia_cell`,
+  `X_spatia_niche`, `X_spatia_tissue`; "image" -> `X_spatia_image`, `X_spatia_image_cell`, ...;
+  "gene" -> `X_spatia_gene`, ...; float32 (n_cells, D); niche / tissue keys only when the
+  checkpoint's stage ran those levels. `obsm["spatial"]`: centroids (x, y) in um;
+- `obs`: the dataset's cell index with the reader's names: cluster columns under their names in
+  `cells.h5ad` (the index's `label_<name>`), the cells.parquet columns likewise (the index's
+  `qc_<name>`; `total_counts` is cells.parquet's), `gene_counts_total` (counts in `.X`), the
+  simulator's ground truth as `truth_*` (as the demo's `cells.h5ad`), and the build's own
+  columns (slide_id, cell_id, split, niche_id, tissue_id, crop geometry);
 - `uns["spatia"]`: checkpoint path, stage and step, the config (YAML text), modality, levels,
-  splits, dataset manifest information, package version.
+  splits, the obsm keys written, dataset manifest information, package version.
 
 Batches hold whole tissue regions with all their cells, so a cell's niche context is the mean
 over all cells of its niche and the result does not depend on the batch size. The forward is
@@ -39,8 +51,22 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from spatia.errors import ConfigError
-from spatia.keys import EMBEDDING_KEY_OF_OUTPUT, LEVELS, SPATIAL_KEY, SPLIT_NAMES, UNS_KEY
+from spatia.keys import (
+    EMBEDDED_FLAG,
+    EMBEDDING_KEY_OF_OUTPUT,
+    EMBEDDING_KEYS_OF_MODALITY,
+    LEVELS,
+    SPATIAL_KEY,
+    SPLIT_NAMES,
+    UNS_KEY,
+)
 from spatia.model import MODALITIES
+from spatia.train.embed_rows import (
+    h5ad_ready,
+    output_cell_names,
+    output_rows,
+    reader_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +178,6 @@ def cell_names(cell_index) -> np.ndarray:
     return ids.to_numpy()
 
 
-def _obs_table(index, rows: np.ndarray):
-    import pandas as pd
-
-    obs = index.iloc[rows].drop(columns=[c for c in ("key",) if c in index.columns]).reset_index(drop=True)
-    for column in obs.columns:
-        if obs[column].dtype == object:
-            obs[column] = obs[column].astype(str)
-    obs.index = pd.Index(cell_names(index)[rows], name=None)
-    return obs
-
-
 def embed_dataset(
     dataset: str | Path,
     checkpoint: str | Path,
@@ -239,6 +254,7 @@ def embed_model(
     from spatia.outputs import atomic_output, refuse_existing
     from spatia.train.checkpoints import check_vocabulary
     from spatia.train.data import EmbeddingDataset, embedding_batches
+    from spatia.train.progress import lightning_logs_to
     from spatia.train.pretrain import (
         LIGHTNING_NOISE,
         env_rank_is_zero,
@@ -290,19 +306,20 @@ def embed_model(
         shard_dir = Path(os.environ[SHARD_ENV])
     try:
         shard = _RankShard(EmbeddingDataset(context, plans))
-        trainer = L.Trainer(
-            accelerator=accel, devices=devices, num_nodes=num_nodes,
-            strategy=make_strategy(devices, num_nodes, accel, start_method),
-            precision=resolved_precision, logger=False, enable_checkpointing=False,
-            enable_progress_bar=progress_bar, enable_model_summary=False, use_distributed_sampler=False,
-            callbacks=[ShardWriter(shard_dir)], inference_mode=True,
-        )
-        log.info("embedding %d cells of %s (%s, modality %s, levels %s) in %d batches", int(wanted.sum()), dataset,
-                 source.name, modality, "+".join(levels), len(plans))
-        model_device = next(model.parameters()).device
-        with warnings.catch_warnings():
+        # Lightning's device lines and adverts go nowhere, its warnings to our logger
+        with lightning_logs_to(None), warnings.catch_warnings():
             for message in (*LIGHTNING_NOISE, ".*infer the batch indices.*"):
                 warnings.filterwarnings("ignore", message=message)
+            trainer = L.Trainer(
+                accelerator=accel, devices=devices, num_nodes=num_nodes,
+                strategy=make_strategy(devices, num_nodes, accel, start_method),
+                precision=resolved_precision, logger=False, enable_checkpointing=False,
+                enable_progress_bar=progress_bar, enable_model_summary=False, use_distributed_sampler=False,
+                callbacks=[ShardWriter(shard_dir)], inference_mode=True,
+            )
+            log.info("embedding %d cells of %s (%s, modality %s, levels %s) in %d batches", int(wanted.sum()), dataset,
+                     source.name, modality, "+".join(levels), len(plans))
+            model_device = next(model.parameters()).device
             trainer.predict(EmbedModule(model, modality, levels), datamodule=EmbedData(shard, num_workers),
                             return_predictions=False)
         model.to(model_device)  # Lightning's teardown leaves the module on the CPU
@@ -319,22 +336,25 @@ def embed_model(
             os.environ.pop(SHARD_ENV, None)
 
     adata = _assemble(parts, context, model.config, levels, provenance or {}, dataset=dataset, modality=modality,
-                      splits=splits, version=__version__)
-    if adata.n_obs != int(wanted.sum()):
-        raise RuntimeError(f"embedded {adata.n_obs} cells, expected {int(wanted.sum())}")
+                      splits=splits, wanted=wanted, version=__version__)
+    n_embedded = int(adata.obs[EMBEDDED_FLAG].sum())
+    if n_embedded != int(wanted.sum()):
+        raise RuntimeError(f"embedded {n_embedded} cells, expected {int(wanted.sum())}")
     if out is not None:
         with atomic_output(out) as tmp:
             adata.write_h5ad(tmp)
     seconds = time.perf_counter() - started
-    log.info("embedded %d cells in %.1f s (%.0f cells/s)%s", adata.n_obs, seconds, adata.n_obs / seconds,
+    log.info("embedded %d cells (%d rows, %d skipped by the build) in %.1f s (%.0f cells/s)%s", n_embedded,
+             adata.n_obs, adata.n_obs - n_embedded, seconds, n_embedded / seconds,
              f"; wrote {out}" if out is not None else "")
-    return EmbedResult(adata=adata, path=out, n_cells=adata.n_obs, seconds=seconds,
-                       cells_per_second=adata.n_obs / seconds, obsm_keys=sorted(adata.obsm.keys()))
+    return EmbedResult(adata=adata, path=out, n_cells=n_embedded, seconds=seconds,
+                       cells_per_second=n_embedded / seconds, obsm_keys=sorted(adata.obsm.keys()))
 
 
 def _assemble(parts: list[dict[str, Any]], context, config, levels, provenance: dict[str, Any], *, dataset: Path,
-              modality: str, splits, version: str):
+              modality: str, splits, wanted: np.ndarray, version: str):
     import anndata as ad
+    import pandas as pd
     from scipy import sparse
 
     rows = np.concatenate([p["row"] for p in parts])
@@ -342,20 +362,44 @@ def _assemble(parts: list[dict[str, Any]], context, config, levels, provenance: 
     rows = rows[order]
     if len(np.unique(rows)) != len(rows):
         raise RuntimeError("a cell was embedded twice")
-    counts = sparse.vstack([p["counts"] for p in parts]).tocsr()[order].astype(np.float32)
-    obs = _obs_table(context.cell_index, rows)
+    layout = output_rows(context, dataset, wanted)
+    embedded = layout.index_row >= 0
+    # position of each output row among the embedded rows (sorted cell-index rows)
+    at = np.searchsorted(rows, layout.index_row[embedded])
+    if (at >= len(rows)).any() or (rows[np.minimum(at, len(rows) - 1)] != layout.index_row[embedded]).any():
+        raise RuntimeError("a wanted cell was not embedded")
+    take = np.full(len(embedded), -1, dtype=np.int64)
+    take[embedded] = order[at]  # row of the concatenated predictions
+    n_genes = len(context.genes)
+    predicted = sparse.vstack([p["counts"] for p in parts]).tocsr().astype(np.float32)
+    pick = sparse.csr_matrix((np.ones(int(embedded.sum()), dtype=np.float32),
+                              (np.flatnonzero(embedded), take[embedded])), shape=(len(embedded), predicted.shape[0]))
+    counts = (pick @ predicted + layout.skipped_counts).tocsr().astype(np.float32)
+    counts.sort_indices()
+
+    obs = layout.obs.drop(columns=[c for c in ("key",) if c in layout.obs.columns])
+    names = output_cell_names(obs["slide_id"], obs["cell_id"])
+    spatial = obs[["x_centroid_um", "y_centroid_um"]].to_numpy(dtype=np.float64)
+    renames = reader_names(obs.columns)
+    label_columns = [renames.get(c, c) for c in obs.columns if c.startswith("label_")]
+    obs = obs.rename(columns=renames)
+    obs[EMBEDDED_FLAG] = embedded
+    obs = h5ad_ready(obs)
+    obs.index = pd.Index(names, name=None)
     manifest = context.manifest
-    measured = np.zeros(len(context.genes), dtype=np.int64)
+    measured = np.zeros(n_genes, dtype=np.int64)
     for slide in manifest["slides"]:
         measured[np.asarray(slide["measured_gene_indices"], dtype=np.int64)] += 1
-    import pandas as pd
-
     var = pd.DataFrame({"n_slides_measured": measured}, index=pd.Index(context.genes))
     adata = ad.AnnData(X=counts, obs=obs, var=var)
-    for attr, key in EMBEDDING_KEY_OF_OUTPUT.items():
+    keys = EMBEDDING_KEYS_OF_MODALITY[modality]
+    for attr in EMBEDDING_KEY_OF_OUTPUT:
         if attr in parts[0]:
-            adata.obsm[key] = np.concatenate([p[attr] for p in parts])[order].astype(np.float32)
-    adata.obsm[SPATIAL_KEY] = obs[["x_centroid_um", "y_centroid_um"]].to_numpy(dtype=np.float64)
+            values = np.concatenate([p[attr] for p in parts]).astype(np.float32)
+            full = np.full((len(embedded), values.shape[1]), np.nan, dtype=np.float32)
+            full[embedded] = values[take[embedded]]
+            adata.obsm[keys[attr]] = full
+    adata.obsm[SPATIAL_KEY] = spatial
     adata.uns[UNS_KEY] = {
         "command": "embed",
         "version": version,
@@ -368,6 +412,10 @@ def _assemble(parts: list[dict[str, Any]], context, config, levels, provenance: 
         "modality": modality,
         "levels": list(levels),
         "splits": list(splits) if splits else ["all"],
+        "embedding_keys": [k for k in EMBEDDING_KEYS_OF_MODALITY[modality].values() if k in adata.obsm],
+        "label_columns": np.asarray(label_columns, dtype=str),
+        "n_embedded": int(embedded.sum()),
+        "n_skipped": int((~embedded).sum()),
         "embedding_dim": int(config.fusion.dim),
         "dataset": {
             "path": str(dataset.resolve()),

@@ -215,7 +215,9 @@ class SpatiaPretrainModule(L.LightningModule):
             else:
                 plain.append(p)
         groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
+        # fused: one CUDA kernel for the whole update instead of several per parameter tensor
+        on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, fused=on_cuda or None)
         trainer = self._trainer
         max_steps = int(trainer.max_steps) if trainer is not None and trainer.max_steps > 0 else train.max_steps
         scheduler = lr_scheduler(optimizer, max_steps=max_steps, warmup_steps=train.warmup_steps,

@@ -14,11 +14,20 @@ The run directory holds:
     genes.txt               the gene vocabulary, one symbol a line, in the model's column order
     logs/metrics.csv        every logged value: train/<level>/<image|gene>, train/total, train/lr,
                             train/grad_norm, val/... (Lightning CSVLogger)
+    logs/loss_curve.png     train and val losses against the step, rewritten at every checkpoint
+                            and at the end (`spatia.train.curves`)
+    logs/lightning.log      Lightning's own info lines (devices, restored checkpoints), kept off the
+                            terminal
     spatia_run.json         run record: options, resolved config, seed, versions
 
 Precision: `train.precision: auto` picks bf16-mixed on CUDA and 32-true on CPU (bf16 matmuls are
 unusably slow on CPUs). Several devices or nodes train with DDP (`devices`, `num_nodes`); each
 rank draws its own share of the localised batches.
+
+What it prints: one progress display over the run (`spatia.train.progress.TrainingProgress`:
+step k of the run's steps, losses, learning rate, ETA; plain lines every few steps when the
+output is not a terminal) and nothing from Lightning (no model summary, no bar per epoch, no
+tips; its info lines go to logs/lightning.log).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from spatia.errors import ConfigError, OutputExistsError
@@ -42,13 +51,20 @@ from spatia.outputs import atomic_output, write_run_record
 from spatia.train.checkpoints import (
     AtomicCheckpointIO,
     check_architecture,
-    config_differences,
     check_vocabulary,
     checkpoint_info,
+    config_differences,
     model_state_dict,
     read_checkpoint,
 )
+from spatia.train.curves import LOSS_CURVE_FILE, LossHistory
 from spatia.train.module import SpatiaPretrainModule, check_train_config, get_stage
+from spatia.train.progress import (
+    LIGHTNING_LOG_FILE,
+    TrainingProgress,
+    lightning_logs_to,
+    plain_line_interval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +90,7 @@ class PretrainResult:
     best_checkpoint: Path | None
     global_step: int
     metrics: dict[str, float] = field(default_factory=dict)
+    loss_curve: Path | None = None  # logs/loss_curve.png (rank zero writes it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +129,8 @@ def env_rank_is_zero() -> bool:
 
 
 def quiet_lightning(quiet: bool) -> None:
-    """Lightning's own INFO lines (devices found, tips) only when not quiet."""
+    """Lightning's own INFO lines (devices found, tips) only when not quiet (for commands that
+    do not train; `pretrain` sends them to the run's logs/lightning.log while it trains)."""
     level = logging.WARNING if quiet else logging.INFO
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(level)
@@ -196,11 +214,10 @@ def _read_metrics(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def _write_metrics(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
-    with atomic_output(path, overwrite=True) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
+    with atomic_output(path, overwrite=True) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _set_aside_metrics(out_dir: Path, step: int) -> Path | None:
@@ -239,7 +256,7 @@ class _SaveLastAtEnd(Callback):
         self.path = Path(path)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, for --resume
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +307,8 @@ def pretrain(
             (from Python, notebooks and tests).
         threads: torch intra-op threads per process (None: torch's default).
         seed: seeds the model initialisation, the data order and every random draw.
-        progress_bar: show Lightning's progress bar and model summary.
+        progress_bar: show the run's progress (one live bar on a terminal or in Jupyter, else a
+            plain line every few steps; `spatia.train.progress`). False prints nothing.
         callbacks: extra Lightning callbacks.
         command: the command name for the run record.
 
@@ -413,35 +431,16 @@ def pretrain(
     if has_val:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/total", mode="min",
                                          save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
+    callbacks.append(LossHistory(out_dir / LOG_DIR / LOSS_CURVE_FILE,
+                                 title=f"SPATIA pretraining, stage {stage_name}: {out_dir.name}"))
     if progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
-    logger = CSVLogger(save_dir=str(out_dir), name="", version=LOG_DIR,
-                                flush_logs_every_n_steps=train.log_every_n_steps)
-    trainer = L.Trainer(
-        accelerator=accel,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=make_strategy(devices, num_nodes, accel, start_method),
-        precision=precision,
-        max_steps=train.max_steps,
-        max_epochs=train.max_epochs if train.max_epochs is not None else -1,
-        val_check_interval=train.val_every_n_steps if has_val else None,
-        check_val_every_n_epoch=None if has_val else 1,
-        limit_val_batches=train.val_batches if has_val else 0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=train.log_every_n_steps,
-        logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=progress_bar,
-        enable_model_summary=progress_bar,
-        use_distributed_sampler=False,
-        default_root_dir=str(out_dir),
-        benchmark=False,
-        plugins=[AtomicCheckpointIO()],
-    )
+        callbacks.append(TrainingProgress(plain_line_interval(train.max_steps, train.log_every_n_steps),
+                                          description=f"pretrain {stage_name}"))
     log.info("pretraining stage %s (levels %s) on %s: %d steps, precision %s, %s x %s device(s)", stage_name,
              "+".join(stage_info.levels), dataset, train.max_steps, precision, num_nodes, devices)
-    with warnings.catch_warnings():
+    # Lightning's info lines (devices, tips, restored states) go to logs/lightning.log, from the
+    # trainer's construction (where most are printed) to the end of fit
+    with warnings.catch_warnings(), lightning_logs_to(out_dir / LOG_DIR / LIGHTNING_LOG_FILE if rank_zero else None):
         for message in LIGHTNING_NOISE:
             warnings.filterwarnings("ignore", message=message)
         # the data position is restored through the module's checkpoint entry, not the loader
@@ -450,7 +449,32 @@ def pretrain(
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen groups
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None)
+        logger = CSVLogger(save_dir=str(out_dir), name="", version=LOG_DIR,
+                           flush_logs_every_n_steps=train.log_every_n_steps)
+        trainer = L.Trainer(
+            accelerator=accel,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=make_strategy(devices, num_nodes, accel, start_method),
+            precision=precision,
+            max_steps=train.max_steps,
+            max_epochs=train.max_epochs if train.max_epochs is not None else -1,
+            val_check_interval=train.val_every_n_steps if has_val else None,
+            check_val_every_n_epoch=None if has_val else 1,
+            limit_val_batches=train.val_batches if has_val else 0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=train.log_every_n_steps,
+            logger=logger,
+            callbacks=callbacks,
+            enable_progress_bar=False,  # TrainingProgress instead: one bar over the run, not one per epoch
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            default_root_dir=str(out_dir),
+            benchmark=False,
+            plugins=[AtomicCheckpointIO()],
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume is not None else None,
+                    weights_only=False)  # spatia's own checkpoint, already read by read_checkpoint
     if rank_zero and metrics_aside is not None:
         _merge_metrics(out_dir, metrics_aside)
 
@@ -460,5 +484,7 @@ def pretrain(
     if last.is_file():  # also right when DDP ran in spawned processes (this trainer did not step)
         step = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step", step))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    curve = out_dir / LOG_DIR / LOSS_CURVE_FILE
     return PretrainResult(out_dir=out_dir, stage=stage_name, last_checkpoint=last,
-                          best_checkpoint=best if best.is_file() else None, global_step=step, metrics=metrics)
+                          best_checkpoint=best if best.is_file() else None, global_step=step, metrics=metrics,
+                          loss_curve=curve if curve.is_file() else None)

@@ -1,14 +1,19 @@
 """The output directory of a build: refusing a foreign or complete one, starting or checking
-the state of a resumed one, removing what a failed fresh build wrote, and turning an output
-place that cannot take the dataset into `OutputWriteError`."""
+the state of a resumed one, removing what a failed fresh build wrote, turning an output place
+that cannot take the dataset into `OutputWriteError`, and the table of every input cell
+(`input_cells.parquet`: the bundle's cell order and the skipped cells, with why)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
 
 from spatia.errors import DatasetError, OutputExistsError, OutputWriteError
 from spatia.mist.store import BUILD_DIR_NAME, MANIFEST_NAME
@@ -89,3 +94,93 @@ def remove_output(out_dir: Path, existed: bool) -> None:
             shutil.rmtree(item, ignore_errors=True)
         else:
             item.unlink(missing_ok=True)
+
+
+# --- every input cell, in the bundle's order ----------------------------------------------------
+
+INPUT_CELLS_NAME = "input_cells.parquet"
+"""One row per cell of every input slide, slide by slide in the reader's order (the bundle's
+cells.parquet order): `slide_id`, `slide_index`, `cell_id`, `skip_reason` (null for a kept
+cell, else the build's reason, e.g. "zero_counts"), the reader's `x_centroid_um`,
+`y_centroid_um`. Skipped cells also carry the cell-index columns that mean something for them
+(pixel centroids, `qc_*`, `label_*`, `truth_*`, total_counts,
+n_genes_detected) and their raw counts as `counts_gene_indices` / `counts_values` (vocabulary
+columns); a kept cell's are in the cell index and the cell store. `spatia embed` writes its
+rows in this order, the skipped cells flagged."""
+
+# cell-index columns that describe a kept cell's record (crop, niche, split): null for a skipped cell
+_RECORD_ONLY_COLUMNS = ("key", "niche_id", "tissue_id", "split", "crop_x_px", "crop_y_px", "bbox_side_px",
+                        "polygon_area_um2", "clipped", "repaired", "niche_row", "niche_col", "tissue_row",
+                        "tissue_col")
+
+
+def write_input_cells(plan: Any, slide: Any, config: Any, staged: Any, path: Path) -> None:
+    """Write one slide's part of `INPUT_CELLS_NAME` (through a temporary file) while its staged
+    tables (counts, ground truth) are still on disk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spatia.mist.build.index import cell_index_rows
+    from spatia.mist.build.plan import SKIP_REASONS
+    from spatia.mist.build.sources import ground_truth_file
+    from spatia.mist.staging import stage_ground_truth
+
+    n = len(plan.reason)
+    skipped = np.flatnonzero(plan.reason != 0)
+    reasons = np.asarray([None, *SKIP_REASONS], dtype=object)[plan.reason]
+    table = pa.table({
+        "slide_id": pa.array([plan.slide_id] * n, type=pa.string()),
+        "slide_index": pa.array(np.full(n, plan.slide_index, dtype=np.int32)),
+        "cell_id": pa.array(np.asarray(slide.cells.index.astype(str)), type=pa.string()),
+        "skip_reason": pa.array(reasons, type=pa.string()),
+        # the reader's centroids, bit for bit (the cell index derives its own from pixels)
+        "x_centroid_um": pa.array(slide.cells["x_centroid_um"].to_numpy(dtype=np.float64)),
+        "y_centroid_um": pa.array(slide.cells["y_centroid_um"].to_numpy(dtype=np.float64)),
+    })
+    if len(skipped):
+        truth_file = ground_truth_file(slide)
+        truth = None if truth_file is None else stage_ground_truth(truth_file, slide.cells.index, staged.directory)
+        frame = cell_index_rows(plan, slide, config, skipped, truth, truth_as_float=truth is not None and bool(
+            (~truth.has_row[skipped]).any()))
+        frame = frame.drop(columns=["slide_id", "slide_index", "cell_id", "x_centroid_um", "y_centroid_um",
+                                    *_RECORD_ONLY_COLUMNS], errors="ignore")
+        indptr, indices, values = staged.counts.rows(skipped)
+        lengths = np.diff(np.asarray(indptr, dtype=np.int64))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        details = pa.Table.from_pandas(frame, preserve_index=False)
+        details = details.append_column("counts_gene_indices", pa.ListArray.from_arrays(
+            offsets, pa.array(np.asarray(indices, dtype=np.int32))))
+        details = details.append_column("counts_values", pa.ListArray.from_arrays(
+            offsets, pa.array(np.asarray(values, dtype=np.int64))))
+        # row i of the slide: its row of `details` when skipped, else null (a null take gives nulls)
+        position = np.zeros(n, dtype=np.int64)
+        position[skipped] = np.arange(len(skipped))
+        details = details.take(pa.array(position, mask=plan.reason == 0))
+        for name in details.column_names:
+            table = table.append_column(name, details.column(name))
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def concat_input_cells(out_dir: Path, parts: list[Path]) -> int:
+    """Concatenate the per-slide parts into `out_dir/INPUT_CELLS_NAME` (columns a slide lacks
+    are null); returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p) for p in parts]
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    target = out_dir / INPUT_CELLS_NAME
+    tmp = target.with_name(target.name + ".tmp")
+    pq.write_table(table.replace_schema_metadata(None), tmp)
+    os.replace(tmp, target)
+    return table.num_rows
+
+
+def read_input_cells(dataset: Path) -> pd.DataFrame | None:
+    """The dataset's `INPUT_CELLS_NAME` table, or None for a dataset built before it existed."""
+    path = Path(dataset) / INPUT_CELLS_NAME
+    if not path.is_file():
+        return None
+    return pd.read_parquet(path)

@@ -45,7 +45,14 @@ from spatia.mist.build.checks import check_kept_cells, check_slide_inputs
 from spatia.mist.build.ids import chunk_key
 from spatia.mist.build.index import concat_parts, region_index_tables, write_cell_index
 from spatia.mist.build.jobs import make_job
-from spatia.mist.build.output import check_output, output_errors, prepare_output, remove_output
+from spatia.mist.build.output import (
+    check_output,
+    concat_input_cells,
+    output_errors,
+    prepare_output,
+    remove_output,
+    write_input_cells,
+)
 from spatia.mist.build.plan import SKIP_REASONS, estimate_intensity_range, plan_slide
 from spatia.mist.build.sources import fingerprint, load_source, source_label
 from spatia.mist.build.stores import BuildStores
@@ -350,6 +357,7 @@ def _build_slide(
 
     index_dir = out_dir / BUILD_DIR_NAME / "index"
     cell_splits = write_cell_index(plan, slide, config, index_dir / f"{k:05d}_cell.parquet", staged.directory)
+    write_input_cells(plan, slide, config, staged, index_dir / f"{k:05d}_input_cells.parquet")
     shutil.rmtree(staged.directory, ignore_errors=True)  # the slide's staged tables are no longer needed
     niches_df, tissues_df = region_index_tables(plan, config)
     for level, frame in (("niche", niches_df), ("tissue", tissues_df)):
@@ -402,6 +410,9 @@ def _build_slide(
 
 def _finalise(out_dir: Path, config: BuildConfig, seed: int, genes: list[str], slides: list[dict]) -> dict[str, Any]:
     counts = {level: concat_parts(out_dir, level, len(slides)) for level in LEVELS}
+    input_parts = [out_dir / BUILD_DIR_NAME / "index" / f"{k:05d}_input_cells.parquet" for k in range(len(slides))]
+    if all(p.is_file() for p in input_parts):  # (a build resumed from an older spatia lacks them)
+        concat_input_cells(out_dir, input_parts)
     skipped = {name: sum(s["skipped"][name] for s in slides) for name in SKIP_REASONS}
     repaired = {"self_intersecting_polygon": sum(s["repaired"]["self_intersecting_polygon"] for s in slides)}
     splits: dict[str, dict[str, int]] = {}

@@ -17,7 +17,11 @@ _SHA_BLOCK = 4 * 2**20
 def load_source(source: Any):
     """A `XeniumSlide` (or any object with the same attributes) from a path or an object."""
     if isinstance(source, (str, Path)):
+        from spatia.io.spatialdata import is_spatialdata_store, read_spatialdata
         from spatia.io.xenium import read_xenium
+
+        if is_spatialdata_store(source):  # a SpatialData .zarr store (optional extra spatia[spatialdata])
+            return read_spatialdata(source, nucleus_shapes=None)
 
         return read_xenium(source, read_nucleus_boundaries=False, in_memory=False)
     return source

@@ -1,0 +1,102 @@
+"""Morphometry targets: hand-made shape, intensity and texture measures of a cell crop, in torch.
+
+An auxiliary self-supervised target for the cell image encoder (`loss.cell.morphometry`): a
+linear head on the mean of the encoder's tokens predicts these measures of the *whole* crop
+from the visible patches, as MaskFeat (Wei et al., CVPR 2022) predicts hand-made HOG features
+of masked regions. Pixel reconstruction alone (MAE) spends a small model's capacity on the
+dark background and the exact texture; these targets make the image embedding carry what a
+CellProfiler-style feature vector carries (size, shape, intensity, texture), which is what
+the image-only embedding is compared against (`spatia evaluate`'s morphology features). Not in
+the paper; docs/model.md gives the measurements behind it.
+
+The measures are computed on the fly from the batch (`cell_image` in [0, 1] and `cell_mask`),
+per channel where they concern intensity, and standardised over the batch before the loss, so
+their units do not matter and no dataset statistics are stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SHAPE_NAMES = ("area_fraction", "sqrt_area", "major_axis", "minor_axis", "elongation", "boundary_fraction")
+INTENSITY_NAMES = ("mean", "std", "q10", "q50", "q90", "integrated", "weighted_spread",
+                   "gradient_mean", "laplacian_abs_mean", "dark_fraction")
+
+
+def n_morphometry_features(channels: int) -> int:
+    """Width of `morphometry_targets`' output for crops with `channels` channels."""
+    return len(SHAPE_NAMES) + channels * len(INTENSITY_NAMES)
+
+
+def _second_moments(weight: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (B, 2), largest first, of the weighted covariance of pixel positions."""
+    total = weight.sum(dim=(1, 2)).clamp(min=1e-6)
+    my = (weight * ys).sum(dim=(1, 2)) / total
+    mx = (weight * xs).sum(dim=(1, 2)) / total
+    dy, dx = ys - my[:, None, None], xs - mx[:, None, None]
+    cyy = (weight * dy * dy).sum(dim=(1, 2)) / total
+    cxx = (weight * dx * dx).sum(dim=(1, 2)) / total
+    cxy = (weight * dx * dy).sum(dim=(1, 2)) / total
+    half_trace = (cxx + cyy) / 2
+    root = torch.sqrt(((cxx - cyy) / 2) ** 2 + cxy ** 2)
+    return torch.stack([half_trace + root, (half_trace - root).clamp(min=0.0)], dim=1)
+
+
+@torch.no_grad()
+def morphometry_targets(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Measures of each crop: float32 (B, n_morphometry_features(C)).
+
+    image float (B, C, S, S) in [0, 1]; mask bool (B, 1 or C, S, S), the cell's polygon (the
+    first channel is used). Shape (from the mask): area as a fraction of the crop and its square
+    root, the major and minor axis (2 x sqrt of the second-moment eigenvalues, in crop widths),
+    their ratio, the share of mask pixels on its boundary. Per channel, inside the mask: mean,
+    standard deviation, 10/50/90th percentiles, integrated intensity (sum / S^2), intensity-
+    weighted spread (sqrt of the summed second-moment eigenvalues), mean Sobel gradient
+    magnitude, mean |Laplacian|, share of pixels below half the cell's median. A crop with an
+    empty mask uses the whole crop.
+    """
+    image = image.float()
+    b, c, s, _ = image.shape
+    m = mask[:, :1].bool()
+    empty = ~m.flatten(1).any(dim=1)
+    m = m | empty[:, None, None, None]
+    mf = m.float()
+    area = mf.sum(dim=(1, 2, 3))
+    coords = (torch.arange(s, device=image.device, dtype=torch.float32) + 0.5) / s
+    ys, xs = coords[None, :, None], coords[None, None, :]
+    eig = _second_moments(mf[:, 0], ys, xs)
+    major, minor = 4 * eig[:, 0].sqrt(), 4 * eig[:, 1].sqrt()
+    eroded = -F.max_pool2d(-mf, kernel_size=3, stride=1, padding=1)
+    boundary = (mf - eroded).clamp(min=0).sum(dim=(1, 2, 3)) / area.clamp(min=1)
+    columns = [area / (s * s), (area / (s * s)).sqrt(), major, minor, major / minor.clamp(min=1e-3), boundary]
+
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=image.device) / 8
+    kernels = torch.stack([sobel_x, sobel_x.T])[:, None]                        # (2, 1, 3, 3)
+    laplace = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=image.device)[None, None]
+    inside = m[:, 0].flatten(1)                                                  # (B, S*S)
+    for channel in range(c):
+        x = image[:, channel: channel + 1]                                       # (B, 1, S, S)
+        values = x.flatten(1)
+        n = inside.sum(dim=1).clamp(min=1)
+        mean = (values * inside).sum(dim=1) / n
+        std = (((values - mean[:, None]) ** 2) * inside).sum(dim=1).div(n).sqrt()
+        quantiles = torch.nanquantile(values.masked_fill(~inside, float("nan")),
+                                      torch.tensor([0.1, 0.5, 0.9], device=image.device), dim=1).T  # (B, 3)
+        integrated = (values * inside).sum(dim=1) / (s * s)
+        spread = _second_moments((x * mf)[:, 0], ys, xs).sum(dim=1).sqrt()
+        grad = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)
+        grad_mean = (grad.pow(2).sum(dim=1).sqrt() * mf[:, 0]).flatten(1).sum(dim=1) / n
+        lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), laplace).abs()
+        lap_mean = (lap * mf).flatten(1).sum(dim=1) / n
+        dark = ((values < 0.5 * quantiles[:, 1:2]) & inside).sum(dim=1) / n
+        columns += [mean, std, quantiles[:, 0], quantiles[:, 1], quantiles[:, 2], integrated, spread,
+                    grad_mean, lap_mean, dark]
+    return torch.nan_to_num(torch.stack(columns, dim=1), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def standardise_over_batch(targets: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Each column minus its batch mean, over its batch standard deviation (constant columns -> 0)."""
+    mean = targets.mean(dim=0, keepdim=True)
+    std = targets.std(dim=0, unbiased=False, keepdim=True)
+    return (targets - mean) / (std + eps)

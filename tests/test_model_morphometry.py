@@ -1,0 +1,108 @@
+"""Morphometry targets (known answers on drawn shapes), the auxiliary loss, and the gene residual."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from spatia.model import BatchSizes, SpatiaModel, load_config, synthetic_batch, synthetic_gene_symbols
+from spatia.model.morphometry import (
+    INTENSITY_NAMES,
+    SHAPE_NAMES,
+    morphometry_targets,
+    n_morphometry_features,
+    standardise_over_batch,
+)
+
+
+def _column(name: str) -> int:
+    names = list(SHAPE_NAMES) + list(INTENSITY_NAMES)
+    return names.index(name)
+
+
+def test_rectangle_shape_measures_match_closed_forms():
+    s = 64
+    mask = torch.zeros(1, 1, s, s, dtype=torch.bool)
+    mask[..., 16:48, 20:44] = True                     # 32 rows x 24 columns
+    image = mask.float() * 0.5
+    t = morphometry_targets(image, mask)[0]
+    assert t.shape == (n_morphometry_features(1),)
+    assert t[_column("area_fraction")] == pytest.approx(32 * 24 / s**2)
+    # uniform rectangle of side L: variance L^2/12, axis = 4 sqrt(var) = L / sqrt(3) * 2
+    assert t[_column("major_axis")] == pytest.approx(4 * math.sqrt((32 / s) ** 2 / 12), rel=1e-3)
+    assert t[_column("minor_axis")] == pytest.approx(4 * math.sqrt((24 / s) ** 2 / 12), rel=1e-3)
+    assert t[_column("boundary_fraction")] == pytest.approx((2 * (32 + 24) - 4) / (32 * 24))
+    assert t[_column("mean")] == pytest.approx(0.5) and t[_column("std")] == pytest.approx(0.0, abs=1e-6)
+    assert t[_column("q50")] == pytest.approx(0.5)
+    assert t[_column("integrated")] == pytest.approx(0.5 * 32 * 24 / s**2)
+    assert t[_column("dark_fraction")] == pytest.approx(0.0)
+
+
+def test_measures_rank_size_brightness_and_texture():
+    s = 64
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    small = ((yy - 32) ** 2 + (xx - 32) ** 2 <= 8**2)[None, None]
+    large = ((yy - 32) ** 2 + (xx - 32) ** 2 <= 20**2)[None, None]
+    smooth = torch.full((1, 1, s, s), 0.4)
+    textured = 0.4 + 0.3 * torch.sign(torch.sin(xx.float()))[None, None]
+    masks = torch.cat([small, large, large, large])
+    images = torch.cat([smooth, smooth, smooth * 2, textured]) * masks
+    t = morphometry_targets(images, masks)
+    assert t[1, _column("area_fraction")] > t[0, _column("area_fraction")]           # larger disc
+    assert t[1, _column("elongation")] == pytest.approx(1.0, abs=0.02)               # a disc is round
+    assert t[2, _column("mean")] == pytest.approx(2 * t[1, _column("mean")])         # brighter
+    assert t[3, _column("gradient_mean")] > 5 * t[1, _column("gradient_mean")]       # texture
+    assert t[3, _column("std")] > 0.2 and t[1, _column("std")] < 1e-5
+
+
+def test_empty_mask_uses_the_whole_crop_and_gives_finite_values():
+    image = torch.rand(2, 2, 32, 32)
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    t = morphometry_targets(image, mask)
+    assert t.shape == (2, n_morphometry_features(2)) and torch.isfinite(t).all()
+    assert t[0, _column("area_fraction")] == pytest.approx(1.0)
+
+
+def test_standardise_over_batch():
+    x = torch.tensor([[1.0, 5.0], [3.0, 5.0]])
+    z = standardise_over_batch(x)
+    assert torch.allclose(z[:, 0], torch.tensor([-1.0, 1.0]), atol=1e-3)
+    assert torch.equal(z[:, 1], torch.zeros(2))                                    # constant -> 0
+
+
+def _model(morphometry: float = 0.0, gene_residual: bool = False):
+    config = load_config("tiny")
+    config = dataclasses.replace(
+        config, fusion=dataclasses.replace(config.fusion, gene_residual=gene_residual),
+        loss=dataclasses.replace(config.loss, cell=dataclasses.replace(config.loss.cell, morphometry=morphometry)))
+    torch.manual_seed(0)
+    batch = synthetic_batch(config, BatchSizes(n_tissues=2, cells_per_tissue=16, n_genes=40), seed=0)
+    return SpatiaModel(config, synthetic_gene_symbols(40)), batch
+
+
+def test_morphometry_loss_is_logged_trained_and_off_by_weight():
+    model, batch = _model(morphometry=1.0)
+    out = model(batch, levels=("cell",), generator=torch.Generator().manual_seed(0))
+    assert "cell/morphometry" in out.losses and out.losses["cell/morphometry"] > 0
+    out.losses["total"].backward()
+    assert model.morphometry_head.weight.grad.abs().sum() > 0
+    assert model.cell_image_encoder.patch_embed.weight.grad is not None
+    plain, batch = _model()
+    assert plain.morphometry_head is None
+    assert "cell/morphometry" not in plain(batch, levels=("cell",)).losses
+
+
+def test_gene_residual_carries_genes_and_stays_out_of_image_only_embeddings():
+    model, batch = _model(gene_residual=True)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.cell_fusion.gene_summary.weight)
+    shuffled = dict(batch, cell_counts=batch["cell_counts"].flip(0))
+    both = model.embed(batch, levels=("cell",)).z_cell
+    both_shuffled = model.embed(shuffled, levels=("cell",)).z_cell
+    assert not torch.allclose(both, both_shuffled)                               # genes reach z_cell
+    image = model.embed(batch, modality="image", levels=("cell",)).z_cell
+    image_shuffled = model.embed(shuffled, modality="image", levels=("cell",)).z_cell
+    assert torch.allclose(image, image_shuffled)                                 # and not without them
