@@ -8,6 +8,7 @@
 #   embed_base_bf16.json   `spatia embed` end to end vs the model alone (the fixed cost), base config
 #   embed_tiny.json        the same with tiny: a fixed cost shows as end-to-end << model-alone cells/s
 #   pair_cuda.json         pairing 20,000 x 20,000 on the GPU (ours and geomloss, same tolerance)
+#   flow_cuda.json         flow training steps/s and generated images/s (issue 13)
 # Usage (repository root, after `make install`):  bash benchmarks/gpu_check.sh [OUT_DIR]
 set -u
 OUT=${1:-gpu_check}
@@ -26,3 +27,4 @@ run embed_base_bf16 120 $PY benchmarks/bench_embed.py --config base --device cud
 run embed_tiny 60 $PY benchmarks/bench_embed.py --config tiny --device cuda --profile
 run pair_cuda 120 $PY benchmarks/bench_pair.py --device cuda --compare 0 --real '' --peer-iters 0 \
     --memory-mb 8000 --block-mb 256 --geomloss-max-mb 40000
+run flow_cuda 60 $PY benchmarks/bench_flow.py --device cuda --batch 256 --seconds 10

@@ -3,7 +3,6 @@ chaining with --from, run-directory rules and their errors."""
 
 from __future__ import annotations
 
-import lightning as L
 import pandas as pd
 import pytest
 import torch

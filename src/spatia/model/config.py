@@ -144,7 +144,8 @@ class LossConfig:
     # the cell gene loss is a mean over ~G entries per cell (most of them zero counts), 10-100x
     # smaller than the standardised image losses; weight 10 puts its gradient on z_cell on a par
     # with the niche and tissue gene losses (measured, docs/model.md)
-    cell: LevelLossWeights = field(default_factory=lambda: LevelLossWeights(image=1.0, gene=10.0))
+    # morphometry 0.3: the auxiliary target of spatia.model.morphometry (measured, docs/model.md)
+    cell: LevelLossWeights = field(default_factory=lambda: LevelLossWeights(image=1.0, gene=10.0, morphometry=0.3))
     niche: LevelLossWeights = field(default_factory=LevelLossWeights)
     tissue: LevelLossWeights = field(default_factory=LevelLossWeights)
 
