@@ -47,6 +47,7 @@ def test_output_shapes(model, batch, config):
     assert out.niche_tissue_embeddings.shape == (bn, d)
     assert out.tissue_embeddings.shape == (bt, d)
     expected = {f"{lv}/{kind}" for lv in ("cell", "niche", "tissue") for kind in ("image", "gene")} | {"total"}
+    expected |= {"cell/morphometry"} if config.loss.cell.morphometry > 0 else set()
     assert set(out.losses) == expected
     assert all(v.ndim == 0 and torch.isfinite(v) for v in out.losses.values())
     for level, n, side in (("cell", b, 64), ("niche", bn, 64), ("tissue", bt, 128)):
@@ -60,7 +61,7 @@ def test_output_shapes(model, batch, config):
         assert torch.allclose(rec.gene_mean.sum(1), library, rtol=1e-4)
     # total is the weighted sum of the parts
     weights = {f"{lv}/{kind}": getattr(getattr(config.loss, lv), kind) for lv in ("cell", "niche", "tissue")
-               for kind in ("image", "gene")}
+               for kind in ("image", "gene", "morphometry")}
     parts = sum(weights[k] * v for k, v in out.losses.items() if k != "total")
     assert torch.allclose(out.losses["total"], parts)
 
@@ -251,7 +252,7 @@ def test_levels_select_the_stage(model, config, batch):
     cell_only = {k: v for k, v in batch.items() if k.startswith("cell_")}
     out = model(cell_only, levels=("cell",), generator=gen())
     assert out.z_niche is None and out.z_tissue is None
-    assert set(out.losses) == {"cell/image", "cell/gene", "total"}
+    assert set(out.losses) == {"cell/image", "cell/gene", "cell/morphometry", "total"}  # tiny: morphometry 0.3
     out = model(batch, levels=("cell", "niche"), generator=gen())
     assert out.z_niche is not None and out.z_tissue is None
     with pytest.raises(ValueError):

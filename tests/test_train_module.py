@@ -43,6 +43,7 @@ def test_stage_trains_its_groups_and_freezes_the_rest(stage):
     batch = synthetic_batch(load_config("tiny"), BatchSizes(n_tissues=1, cells_per_tissue=16, n_genes=40), seed=3)
     out = module.model(batch, levels=spec.levels, generator=torch.Generator().manual_seed(0))
     expected = {f"{level}/{kind}" for level in spec.levels for kind in ("image", "gene")} | {"total"}
+    expected |= {"cell/morphometry"}  # tiny's default weight 0.3; the cell level runs in every stage
     assert set(out.losses) == expected
     out.losses["total"].backward()
     for name, params in groups.items():
