@@ -65,8 +65,7 @@ class GeneConfig:
     max_tokens: int | None = None
     mask_ratio: float = 0.25        # masked gene modelling: share of the selected tokens hidden
     withhold_ratio: float = 0.15    # share of training cells whose genes are all hidden (image-only)
-    profile_token: bool = True      # one more token: an encoding of the cell's visible profile
-    profile_hidden: int = 0         # profile encoder: 0 = Linear(G, dim); > 0 = Linear(G, h)-GELU-Linear(h, dim)
+    profile_token: bool = True      # one more token: Linear(G, dim) of the cell's visible profile
     target_sum: float = 10000.0     # expression = log1p(counts / total_measured * target_sum)
     max_value: float = 12.0         # normalised values are clipped here before the value encoder
     freeze_embeddings: bool = False  # freeze the gene-ID embedding (e.g. after loading vectors)
@@ -336,9 +335,6 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
     ratio("gene.withhold_ratio", config.gene.withhold_ratio)
     positive("gene.target_sum", config.gene.target_sum)
     positive("gene.max_value", config.gene.max_value)
-    if config.gene.profile_hidden < 0:
-        fail("gene.profile_hidden", f"must be 0 or more, not {config.gene.profile_hidden}",
-             "set it to 0 (a linear profile encoder) or a hidden width such as 256")
     if config.fusion.gene_residual and not config.gene.profile_token:
         fail("fusion.gene_residual", "needs gene.profile_token (the residual is that token)",
              "set gene.profile_token: true, or fusion.gene_residual: false")

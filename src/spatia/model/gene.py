@@ -151,10 +151,7 @@ class GeneEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.n_genes = n_genes
-        self.profile = None
-        if cfg.profile_token:
-            self.profile = nn.Linear(n_genes, cfg.dim) if cfg.profile_hidden <= 0 else nn.Sequential(
-                nn.Linear(n_genes, cfg.profile_hidden), nn.GELU(), nn.Linear(cfg.profile_hidden, cfg.dim))
+        self.profile = nn.Linear(n_genes, cfg.dim) if cfg.profile_token else None
         # fixed random order in which measured zeros are taken when selection is deterministic
         priority = torch.rand(n_genes, generator=torch.Generator().manual_seed(0))
         self.register_buffer("zero_priority", priority)

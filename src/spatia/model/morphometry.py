@@ -49,7 +49,8 @@ def morphometry_targets(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
     image float (B, C, S, S) in [0, 1]; mask bool (B, 1 or C, S, S), the cell's polygon (the
     first channel is used). Shape (from the mask): area as a fraction of the crop and its square
-    root, the major and minor axis (2 x sqrt of the second-moment eigenvalues, in crop widths),
+    root, the major and minor axis (4 x sqrt of the second-moment eigenvalues: the full axes of the
+    ellipse with the same moments, in crop widths),
     their ratio, the share of mask pixels on its boundary. Per channel, inside the mask: mean,
     standard deviation, 10/50/90th percentiles, integrated intensity (sum / S^2), intensity-
     weighted spread (sqrt of the summed second-moment eigenvalues), mean Sobel gradient
