@@ -24,14 +24,15 @@ from spatia.outputs import atomic_output
 
 LOSS_CURVE_FILE = "loss_curve.png"
 MAX_POINTS = 2000  # points per plotted train line; longer runs are shown as means of k steps
-KINDS = ("image", "gene")
+KINDS = ("image", "gene", "morphometry")  # morphometry: the cell level only, when its weight > 0
 STEP_LABEL = "step (metrics.csv's step column)"
 LEVEL_COLOURS = {"cell": "tab:blue", "niche": "tab:orange", "tissue": "tab:green"}
 
 
 def loss_keys(prefix: str) -> tuple[str, ...]:
-    """`<prefix>/total` and `<prefix>/<level>/<kind>` for every level and kind."""
-    return (f"{prefix}/total", *(f"{prefix}/{level}/{kind}" for level in LEVELS for kind in KINDS))
+    """`<prefix>/total` and `<prefix>/<level>/<kind>` for every level and kind (morphometry: cell only)."""
+    return (f"{prefix}/total", *(f"{prefix}/{level}/{kind}" for level in LEVELS for kind in KINDS
+                                  if kind != "morphometry" or level == "cell"))
 
 
 LOSS_KEYS = (*loss_keys("train"), *loss_keys("val"))
@@ -109,9 +110,9 @@ def plot_loss_curve(series: Series, path: str | Path, *, title: str) -> dict[str
 
     terms_note = f"train: {per}"  # replaced below when the lines are smoothed
     for level in LEVELS:
-        for kind, style in zip(KINDS, ("-", "--")):
+        for kind, style in zip(KINDS, ("-", "--", ":")):
             colour = LEVEL_COLOURS[level]
-            points = finite[f"train/{level}/{kind}"]
+            points = finite.get(f"train/{level}/{kind}", [])
             if points:
                 steps, values = zip(*points)
                 window = max(1, len(values) // 25)  # the terms are noisy per step: centred means
@@ -121,7 +122,7 @@ def plot_loss_curve(series: Series, path: str | Path, *, title: str) -> dict[str
                 terms_axes.plot(steps, moving_average(list(values), window), color=colour, linestyle=style,
                                 linewidth=1.2, marker="o" if few(points) else None, markersize=2.5,
                                 label=f"{level} {kind} (train)")
-            points = finite[f"val/{level}/{kind}"]
+            points = finite.get(f"val/{level}/{kind}", [])
             if points:
                 steps, values = zip(*points)
                 terms_axes.plot(steps, values, color=colour, linestyle="none",

@@ -67,7 +67,7 @@ def format_losses(metrics: dict[str, float], prefix: str = "train") -> str:
         parts.append(f"loss {metrics[f'{prefix}/total']:.3f}")
     for level in LEVELS:
         terms = [f"{short} {metrics[f'{prefix}/{level}/{kind}']:.3f}" for kind, short in (("image", "img"),
-                 ("gene", "gene")) if f"{prefix}/{level}/{kind}" in metrics]
+                 ("gene", "gene"), ("morphometry", "morph")) if f"{prefix}/{level}/{kind}" in metrics]
         if terms:
             parts.append(f"{level} {' '.join(terms)}")
     return " · ".join(parts)
