@@ -51,7 +51,79 @@ XENIUM_V2_CHANNELS = ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimenti
 # ---------------------------------------------------------------------------------------------
 
 
-class MorphologyImage:
+class PyramidImage:
+    """What every level-pyramid image reader shares (MorphologyImage, the SpatialData image):
+    level and channel lookup, geometry and I/O counters, computed from the attributes
+    `level_shapes_yx`, `pixel_size_um`, `channel_names`, `path`, `_stats` and the reader's
+    `read_window(x_px, y_px, width_px, height_px, *, level, channel)`."""
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_shapes_yx)
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def io_stats(self) -> dict[str, int]:
+        """Counters since opening: ``tiles_decoded``, ``bytes_read`` (compressed), ``cache_hits``."""
+        return dict(self._stats)
+
+    def downsample_factor(self, level: int) -> float:
+        """Level-0 pixels per pixel of `level` (1.0, 2.0, 4.0, ... for Xenium pyramids)."""
+        level = self._check_level(level)
+        h0, w0 = self.level_shapes_yx[0]
+        h, w = self.level_shapes_yx[level]
+        return snap_factor(w0 / w)
+
+    def channel_index(self, channel: int | str) -> int:
+        """Index of `channel` given as an index or a name (case-insensitive; a part of an
+        ``"A/B/C"`` name matches when unambiguous)."""
+        if isinstance(channel, (int, np.integer)) and not isinstance(channel, bool):
+            index = int(channel)
+            if -self.n_channels <= index < self.n_channels:
+                return index % self.n_channels
+            raise ConfigError(
+                f"channel {index} does not exist; the image has {self.n_channels}: {self.channel_names}",
+                path=self.path,
+            )
+        if isinstance(channel, str):
+            lowered = [name.lower() for name in self.channel_names]
+            if channel.lower() in lowered:
+                return lowered.index(channel.lower())
+            partial = [i for i, name in enumerate(lowered) if channel.lower() in name.split("/")]
+            if len(partial) == 1:
+                return partial[0]
+        raise ConfigError(
+            f"unknown channel {channel!r}; the image has {self.channel_names}",
+            path=self.path,
+            fix="pass a channel index or one of these names",
+        )
+
+    def read_level(self, level: int = 0, channel: int | str = 0) -> np.ndarray:
+        """A whole pyramid level of one channel, (height_px, width_px) of `dtype`."""
+        level = self._check_level(level)
+        h, w = self.level_shapes_yx[level]
+        return self.read_window(0, 0, w, h, level=level, channel=channel)
+
+    def _check_level(self, level: int) -> int:
+        level = as_int(level, "level")
+        if not 0 <= level < self.n_levels:
+            raise ConfigError(
+                f"pyramid level {level} does not exist; the image has levels 0..{self.n_levels - 1}",
+                path=self.path,
+            )
+        return level
+
+    @property
+    def extent_um(self) -> tuple[float, float]:
+        """(width_um, height_um) of the image."""
+        h, w = self.level_shapes_yx[0]
+        return w * self.pixel_size_um, h * self.pixel_size_um
+
+
+class MorphologyImage(PyramidImage):
     """A lazy Xenium morphology image: pyramid levels, channels, optional z-stack.
 
     Attributes:
@@ -196,19 +268,6 @@ class MorphologyImage:
 
     # -- public API ---------------------------------------------------------------------------
 
-    @property
-    def n_levels(self) -> int:
-        return len(self.level_shapes_yx)
-
-    @property
-    def n_channels(self) -> int:
-        return len(self.channel_names)
-
-    @property
-    def io_stats(self) -> dict[str, int]:
-        """Counters since opening: ``tiles_decoded``, ``bytes_read`` (compressed), ``cache_hits``."""
-        return dict(self._stats)
-
     def clear_cache(self) -> None:
         """Drop every decoded tile held in the cache."""
         self._cache.clear()
@@ -218,37 +277,6 @@ class MorphologyImage:
         for pyr in self._pyramids:
             pyr.close()
         self._cache.clear()
-
-    def downsample_factor(self, level: int) -> float:
-        """Level-0 pixels per pixel of `level` (1.0, 2.0, 4.0, ... for Xenium pyramids)."""
-        level = self._check_level(level)
-        h0, w0 = self.level_shapes_yx[0]
-        h, w = self.level_shapes_yx[level]
-        return snap_factor(w0 / w)
-
-    def channel_index(self, channel: int | str) -> int:
-        """Index of `channel` given as an index or a name (case-insensitive; a part of an
-        ``"A/B/C"`` name matches when unambiguous)."""
-        if isinstance(channel, (int, np.integer)) and not isinstance(channel, bool):
-            index = int(channel)
-            if -self.n_channels <= index < self.n_channels:
-                return index % self.n_channels
-            raise ConfigError(
-                f"channel {index} does not exist; the image has {self.n_channels}: {self.channel_names}",
-                path=self.path,
-            )
-        if isinstance(channel, str):
-            lowered = [name.lower() for name in self.channel_names]
-            if channel.lower() in lowered:
-                return lowered.index(channel.lower())
-            partial = [i for i, name in enumerate(lowered) if channel.lower() in name.split("/")]
-            if len(partial) == 1:
-                return partial[0]
-        raise ConfigError(
-            f"unknown channel {channel!r}; the image has {self.channel_names}",
-            path=self.path,
-            fix="pass a channel index or one of these names",
-        )
 
     def read_window(
         self,
@@ -279,26 +307,6 @@ class MorphologyImage:
         assert out is not None
         return out
 
-    def read_level(self, level: int = 0, channel: int | str = 0) -> np.ndarray:
-        """A whole pyramid level of one channel, (height_px, width_px) of `dtype`."""
-        level = self._check_level(level)
-        h, w = self.level_shapes_yx[level]
-        return self.read_window(0, 0, w, h, level=level, channel=channel)
-
-    def _check_level(self, level: int) -> int:
-        level = as_int(level, "level")
-        if not 0 <= level < self.n_levels:
-            raise ConfigError(
-                f"pyramid level {level} does not exist; the image has levels 0..{self.n_levels - 1}",
-                path=self.path,
-            )
-        return level
-
-    @property
-    def extent_um(self) -> tuple[float, float]:
-        """(width_um, height_um) of the image."""
-        h, w = self.level_shapes_yx[0]
-        return w * self.pixel_size_um, h * self.pixel_size_um
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,9 +29,10 @@ import scipy.sparse as sp
 
 from spatia.arrays import ragged_index
 from spatia.errors import ConfigError, InputDataError
+from spatia.io.image import PyramidImage
 from spatia.io.polygons import CellPolygons
 from spatia.io.slide import XeniumSlide
-from spatia.io.tiff import check_window, snap_factor
+from spatia.io.tiff import check_window
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -199,7 +200,7 @@ def _table(slide: XeniumSlide, cell_ids: np.ndarray, xy_um: np.ndarray, region: 
 # --- in: SpatialData -> XeniumSlide -----------------------------------------------------------
 
 
-class SpatialDataImage:
+class SpatialDataImage(PyramidImage):
     """An image element of a SpatialData object with `MorphologyImage`'s reading interface.
 
     ``read_window`` computes only the dask chunks a window touches; parts outside are 0.
@@ -225,42 +226,11 @@ class SpatialDataImage:
         return (f"SpatialDataImage({str(self.path)!r}, channels={self.channel_names}, levels={self.level_shapes_yx}, "
                 f"dtype={self.dtype}, pixel_size_um={self.pixel_size_um})")
 
-    @property
-    def n_levels(self) -> int:
-        return len(self._levels)
-
-    @property
-    def n_channels(self) -> int:
-        return len(self.channel_names)
-
-    @property
-    def io_stats(self) -> dict[str, int]:
-        return dict(self._stats)
-
-    @property
-    def extent_um(self) -> tuple[float, float]:
-        h, w = self.level_shapes_yx[0]
-        return w * self.pixel_size_um, h * self.pixel_size_um
-
-    def downsample_factor(self, level: int) -> float:
-        return snap_factor(self.level_shapes_yx[0][1] / self.level_shapes_yx[self._level(level)][1])
-
-    def _level(self, level: int) -> int:
-        if not 0 <= int(level) < self.n_levels:
-            raise ConfigError(f"pyramid level {level} does not exist; the image has levels 0..{self.n_levels - 1}",
-                              path=self.path)
-        return int(level)
-
-    def channel_index(self, channel: int | str) -> int:
-        from spatia.io.image import MorphologyImage
-
-        return MorphologyImage.channel_index(self, channel)  # same rules: index, name, part of "A/B/C"
-
     def read_window(self, x_px: int, y_px: int, width_px: int, height_px: int, *, level: int = 0,
                     channel: int | str = 0) -> np.ndarray:
         """Pixels of one channel, (height_px, width_px) of `dtype`, window in pixels of `level`."""
         x, y, w, h = check_window(x_px, y_px, width_px, height_px)
-        array = self._levels[self._level(level)]
+        array = self._levels[self._check_level(level)]
         c = self.channel_index(channel)
         out = np.zeros((h, w), dtype=self.dtype)
         H, W = array.shape[1:]
@@ -270,10 +240,6 @@ class SpatialDataImage:
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = np.asarray(array[c, y0:y1, x0:x1].compute(scheduler="synchronous"))
                 self._stats["windows_read"] += 1
         return out
-
-    def read_level(self, level: int = 0, channel: int | str = 0) -> np.ndarray:
-        h, w = self.level_shapes_yx[self._level(level)]
-        return self.read_window(0, 0, w, h, level=level, channel=channel)
 
 
 def _affine_xy(element: Any, coordinate_system: str, name: str, where: str) -> np.ndarray:
