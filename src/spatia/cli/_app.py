@@ -21,12 +21,12 @@ from spatia.errors import SpatiaError
 USER_ERROR_EXIT_CODE = 2
 
 
-def _flag_help_option(command, ctx):
+def _as_flag(option):
     """Show `--help` as the flag it is: click 8.5's help option renders as `--help <bool>` in
     Typer's help panels unless its metavar is empty."""
-    option = command.get_help_option(ctx)
     if option is not None:
         option.metavar = ""
+    return option
 
 
 class SpatiaGroup(TyperGroup):
@@ -34,15 +34,12 @@ class SpatiaGroup(TyperGroup):
     command's `--help` shown as a flag."""
 
     def get_help_option(self, ctx):  # noqa: D102
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
+        return _as_flag(super().get_help_option(ctx))
 
     def get_command(self, ctx, cmd_name):  # noqa: D102
         command = super().get_command(ctx, cmd_name)
         if command is not None:
-            _flag_help_option(command, ctx)
+            _as_flag(command.get_help_option(ctx))
         return command
 
     def invoke(self, ctx):  # noqa: D102
