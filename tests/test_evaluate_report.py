@@ -129,6 +129,27 @@ def test_add_modality_embedding_aligns_by_cell_id():
     assert np.array_equal(adata.obsm["X_spatia_image"], expected)
 
 
+
+def test_add_image_only_embeddings_merges_every_level_the_file_has():
+    """The image-only file's unified, cell-level and niche-level keys arrive, aligned by cell;
+    the stage and bench_representation both merge through this one helper."""
+    from spatia.evaluate import add_image_only_embeddings
+
+    adata, _ = synthetic_evaluation_data(30, n_genes=10, seed=12)
+    image = adata.obsm.pop("X_spatia_image")
+    other = ad.AnnData(obs=adata.obs[[]].iloc[::-1].copy())
+    levels = {"X_spatia_image": image, "X_spatia_image_cell": image + 1.0, "X_spatia_image_niche": image + 2.0}
+    for key, values in levels.items():
+        other.obsm[key] = values[::-1]
+    add_image_only_embeddings(adata, other)
+    for key, values in levels.items():
+        assert np.array_equal(adata.obsm[key], values), key
+    without_levels = ad.AnnData(obs=adata.obs[[]].copy())
+    without_levels.obsm["X_spatia_image"] = image
+    fresh, _ = synthetic_evaluation_data(30, n_genes=10, seed=12)
+    add_image_only_embeddings(fresh, without_levels)  # an older file: the unified key only
+    assert "X_spatia_image_cell" not in fresh.obsm and np.array_equal(fresh.obsm["X_spatia_image"], image)
+
 # --- verdicts: headline, warning, bold ---------------------------------------------------------
 
 def _verdict_run(spatia: np.ndarray | None, seed: int = 11):

@@ -43,8 +43,6 @@ from spatia.keys import (
     RUN_RECORD_NAME,
     SKIP_REASON,
     X_SPATIA_GENE,
-    X_SPATIA_IMAGE,
-    X_SPATIA_IMAGE_CELL,
 )
 from spatia.outputs import refuse_existing, write_run_record
 
@@ -313,6 +311,7 @@ def evaluate(cells: str | Path, out: str | Path, config: EvaluateConfig,
              inputs: EvaluateInputs = EvaluateInputs(), *, seed: int | None = None) -> StageResult:
     """Score the embeddings in `cells` and the baselines; write metrics.json, report.md/html to `out`."""
     from spatia.evaluate import (
+        add_image_only_embeddings,
         add_modality_embedding,
         crops_from_mist,
         load_crops_npz,
@@ -329,12 +328,7 @@ def evaluate(cells: str | Path, out: str | Path, config: EvaluateConfig,
     adata = read_anndata(cells)
     if inputs.image_embeddings is not None:
         image = read_anndata(inputs.image_embeddings, what="image-only embedding file")
-        add_modality_embedding(adata, image, X_SPATIA_IMAGE, source=inputs.image_embeddings)
-        # its cell level (the per-cell morphology representation: the context of the unified one is
-        # noise for per-cell tasks) and niche level (the patch task's input)
-        for key in (X_SPATIA_IMAGE_CELL, f"{X_SPATIA_IMAGE}_niche"):
-            if key in image.obsm:
-                add_modality_embedding(adata, image, key, source=inputs.image_embeddings)
+        add_image_only_embeddings(adata, image, source=inputs.image_embeddings)
     if inputs.gene_embeddings is not None:
         add_modality_embedding(adata, read_anndata(inputs.gene_embeddings, what="gene-only embedding file"),
                                X_SPATIA_GENE, source=inputs.gene_embeddings)

@@ -22,7 +22,7 @@ from spatia.evaluate.crops import (
     load_crops_npz,
     niche_crops_from_mist,
 )
-from spatia.evaluate.inputs import add_modality_embedding, embedded_cells
+from spatia.evaluate.inputs import add_image_only_embeddings, add_modality_embedding, embedded_cells
 from spatia.evaluate.morphology import morphology_features
 from spatia.evaluate.report import metrics_payload, render_markdown, write_report
 from spatia.evaluate.run import evaluate
@@ -37,6 +37,7 @@ __all__ = [
     "Imputer",
     "KnnImputer",
     "NicheCrops",
+    "add_image_only_embeddings",
     "add_modality_embedding",
     "align_crops",
     "crops_from_mist",

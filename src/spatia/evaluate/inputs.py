@@ -278,3 +278,14 @@ def add_modality_embedding(adata, other, key: str, *, source_key: str | None = N
     values = other.obsm[source_key]
     values = values.toarray() if sp.issparse(values) else np.asarray(values)
     adata.obsm[key] = values[rows].astype(np.float32)
+
+
+def add_image_only_embeddings(adata, image, *, source: str | Path | None = None) -> None:
+    """Merge the embeddings of `spatia embed --modality image` into `adata`: the unified image-only
+    embedding (`X_spatia_image`), its cell level (`X_spatia_image_cell`: the per-cell morphology
+    representation, since the unified one's niche and tissue context is noise for per-cell tasks)
+    and its niche level (`X_spatia_image_niche`: the patch task's input), where written."""
+    add_modality_embedding(adata, image, X_SPATIA_IMAGE, source=source)
+    for key in (X_SPATIA_IMAGE_CELL, X_SPATIA_IMAGE_NICHE):
+        if key in image.obsm:
+            add_modality_embedding(adata, image, key, source=source)

@@ -36,7 +36,6 @@ _LAZY = {
     "flow_ablate": "spatia.flow.ablate",
     "FlowAblateResult": "spatia.flow.ablate",
     "flow_crossmodal": "spatia.flow.crossmodal",
-    "run_demo": "spatia.flow.ablate",
     "niche_dependence": "spatia.flow.niche",
 }
 

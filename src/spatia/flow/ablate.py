@@ -1,4 +1,4 @@
-"""`flow_ablate`: every variant (Tables 5, 6 and 12) on one split and seed; `run_demo`.
+"""`flow_ablate`: every variant (Tables 5, 6 and 12) on one split and seed.
 
 OUT_DIR/
     flows/<variant>/     FLOW_DIR of each variant (the first trains the autoencoder; the others
@@ -12,11 +12,11 @@ OUT_DIR/
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spatia.flow.config import FlowAblateConfig, preset, variant_train_config
+from spatia.flow.config import FlowAblateConfig, variant_train_config
 from spatia.flow.data import load_flow_data
 from spatia.flow.evaluate import FlowEvaluateResult, flow_evaluate
 from spatia.flow.generate import flow_generate
@@ -66,18 +66,3 @@ def flow_ablate(dataset: str | Path, pairs_dir: str | Path, embeddings: str | Pa
     write_json(out_dir / "ablate.json", result.summary())
     return result
 
-
-def run_demo(dataset_dir: str | Path, pairs_dir: str | Path, embeddings_path: str | Path, out_dir: str | Path,
-             seed: int = 0, *, config: FlowAblateConfig | None = None) -> dict[str, Any]:
-    """The `spatia demo` flow step: train (demo preset), generate and evaluate one variant
-    (`spatia`) against the identity baseline, under `out_dir` (flow/, generated/, report/).
-    Returns a summary dict with the headline figures."""
-    config = config or preset("demo")
-    out_dir = Path(out_dir)
-    refuse_existing(out_dir, what="flow demo folder")
-    out_dir.mkdir(parents=True)
-    train = flow_train(dataset_dir, pairs_dir, embeddings_path, out_dir / "flow", replace(config.train, condition="unified"),
-                       seed)
-    gen = flow_generate(out_dir / "flow", out_dir / "generated", config.generate, seed)
-    evaluation = flow_evaluate(out_dir / "generated", out_dir / "report", config.evaluate, seed)
-    return {"train": train.summary(), "generate": gen.summary(), "evaluate": evaluation.summary()}
