@@ -6,11 +6,11 @@ The simulated bundle (3,000 cells, conftest `simulated_bundle`) has known cell t
 domains (`ground_truth.parquet`, carried into the dataset index as `truth_*`). We pretrain the
 tiny config jointly (all levels) with its default recipe for `STEPS` steps, embed every cell and
 score a logistic regression trained on the dataset's train cells and tested on its (spatially
-disjoint) test cells, macro-F1. Measured (seed 0): cell type `X_spatia` 0.917 vs PCA-50 0.961;
-domain `X_spatia` 0.663 vs `X_spatia_cell` 0.551 vs PCA-50 0.575; imputation Pearson 0.461
-trained vs 0.068 untrained. Asserted:
+disjoint) test cells, macro-F1. Measured (seed 0, 2026-11-30 defaults): cell type `X_spatia`
+0.924 vs PCA-50 0.956; domain `X_spatia` 0.602 vs `X_spatia_cell` 0.540 vs PCA-50 0.596;
+imputation Pearson 0.478 trained vs 0.063 untrained. Asserted (issue 12's margins):
 
-- cell type from `X_spatia` within 0.06 of PCA-50 of the log-normalised counts;
+- cell type from `X_spatia` within 0.05 of PCA-50 of the log-normalised counts;
 - tissue domain from `X_spatia` above PCA-50 and above the cell level alone by 0.05 (the niche
   and tissue levels add the context that one cell's expression lacks);
 - gene imputation through the gene decoder (`GeneDecoderImputer`, 10 % of the genes of 300 test
@@ -77,7 +77,7 @@ def test_pretraining_nears_pca_on_cell_type_and_beats_it_on_domain(simulated_bun
     print(f"macro-F1 (X_spatia, X_spatia_cell, PCA-50): {scores}")
     spatia_type, _, pca_type = scores["truth_cell_type"]
     spatia_domain, cell_domain, pca_domain = scores["truth_domain"]
-    assert spatia_type >= pca_type - 0.06, scores
+    assert spatia_type >= pca_type - 0.05, scores
     assert spatia_domain > pca_domain, scores
     assert spatia_domain >= cell_domain + 0.05, scores
 
