@@ -9,11 +9,11 @@ the baselines (PCA, count autoencoder, scVI when installed, morphology) in one r
     .venv/bin/python benchmarks/bench_representation.py --bundle ../shared/data/xenium_bone_marrow_region1 \
         --labels gene_expression_graphclust --steps 300
 
-Options: --steps overrides the training steps (default: the model config's); --n-seeds seeds of
-the stochastic evaluation models; --work keeps the intermediate files there (default: a
-temporary folder, removed); --reuse-work embeds and evaluates the dataset and checkpoint an
-earlier run left in --work (no simulate, build or training); --report writes the evaluation
-report there.
+Options: --steps and --lr override the training steps and learning rate (default: the model
+config's); --n-seeds seeds of the stochastic evaluation models; --work keeps the intermediate
+files there (default: a temporary folder, removed); --reuse-work embeds and evaluates the
+dataset and checkpoint an earlier run left in --work (no simulate, build or training); --report
+writes the evaluation report there.
 
 Prints one JSON line: {"input", "cells", "steps", "seed", "seconds": {simulate, build, train,
 embed, evaluate}, "train_cells_per_second", "representations", "figures": summary_figures(...),
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=300, help="genes to simulate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the config's)")
     parser.add_argument("--n-seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for pretraining")
     parser.add_argument("--work", type=Path, default=None, help="keep intermediate files here (must not exist)")
@@ -136,7 +137,7 @@ def main() -> None:
             seconds["build"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            overrides = {"max_steps": args.steps} if args.steps is not None else None
+            overrides = {k: v for k, v in (("max_steps", args.steps), ("lr", args.lr)) if v is not None} or None
             run = pretrain(mist, work / "run", train_overrides=overrides, seed=args.seed, threads=args.threads,
                            progress_bar=False)
             seconds["train"] = time.perf_counter() - t0
