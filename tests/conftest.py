@@ -33,6 +33,18 @@ def simulated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def bundle_both_segmentations(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 600-cell simulated bundle (seed 5) with its segmentation both as Parquet polygons and as
+    cells.zarr.zip (what spatialdata-io's reader needs). Read-only: copy it (helpers.copy_bundle)
+    to damage it."""
+    from spatia.sim import SimulationConfig, simulate_bundle
+
+    out = tmp_path_factory.mktemp("both_segmentations") / "bundle"
+    simulate_bundle(out, SimulationConfig(n_cells=600, n_genes=140, segmentation_format="both"), seed=5)
+    return out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One intra-op torch thread per test process: two xdist workers share two cores, and

@@ -13,17 +13,15 @@ import pytest
 
 from spatia.errors import ConfigError, InputDataError
 from spatia.mist import BuildConfig, build_dataset
-from spatia.sim import SimulationConfig, simulate_bundle
 from helpers import copy_bundle
 
 CONFIG = BuildConfig.cpu()
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("refusals") / "both"
-    simulate_bundle(out, SimulationConfig(n_cells=600, n_genes=140, segmentation_format="both"), seed=5)
-    return out
+def both(bundle_both_segmentations) -> Path:
+    """conftest's 600-cell bundle with Parquet and cells.zarr.zip segmentation (copied to damage)."""
+    return bundle_both_segmentations
 
 
 def _relabel_boundaries(bundle: Path, fraction: float) -> None:

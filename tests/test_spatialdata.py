@@ -27,13 +27,9 @@ CONFIG = BuildConfig.cpu()
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """600 cells, segmentation as Parquet and cells.zarr.zip (which spatialdata-io's reader needs)."""
-    from spatia.sim import SimulationConfig, simulate_bundle
-
-    out = tmp_path_factory.mktemp("sd") / "bundle"
-    simulate_bundle(out, SimulationConfig(n_cells=600, n_genes=140, segmentation_format="both"), seed=5)
-    return out
+def bundle(bundle_both_segmentations) -> Path:
+    """conftest's 600-cell bundle with Parquet and cells.zarr.zip segmentation."""
+    return bundle_both_segmentations
 
 
 @pytest.fixture(scope="module")
