@@ -82,8 +82,13 @@ def test_scvi_is_skipped_with_a_reason_when_absent(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not scvi_available()[0], reason="scvi-tools is not installed (optional extra spatia[scvi])")
 def test_scvi_latent_separates_types():
+    import logging
+
     adata, _ = synthetic_evaluation_data(600, n_genes=40, n_types=3, seed=6)
+    names = ("scvi", "lightning", "lightning.pytorch", "lightning.fabric")
+    before = [logging.getLogger(n).level for n in names]
     fit = scvi_latent(adata.X, n_latent=6, epochs=15, seed=0)
+    assert [logging.getLogger(n).level for n in names] == before  # the caller's logging is left as it was
     assert fit.embedding.shape == (600, 6) and np.isfinite(fit.embedding).all()
     types = adata.obs["cell_type"].to_numpy()
     model = LogisticRegression(max_iter=2000).fit(fit.embedding[:400], types[:400])

@@ -22,7 +22,7 @@ def test_train_help_names_the_issue_options():
     for option in ("--pairs", "--embeddings", "--config", "--condition", "--contrastive-weight", "--pair-noise",
                    "--constant-lr", "--autoencoder"):
         assert option in text
-    assert "default: 0.05" in text and "default: unified" in text
+    assert "default: 0.05" in text and "default: levels" in text
 
 
 def test_bad_lambda_is_a_user_error(tmp_path):

@@ -114,6 +114,26 @@ def test_variant_configs_and_names_round_trip():
         config = variant_train_config(FlowTrainConfig(), variant)
         assert variant_name(asdict(config)) == variant
     assert variant_train_config(FlowTrainConfig(), "cell_only").condition == "cell"
+    assert variant_train_config(FlowTrainConfig(), "spatia").condition == "levels"
+    assert variant_train_config(FlowTrainConfig(), "spatia_unified").condition == "unified"
+    assert variant_train_config(FlowTrainConfig(), "no_contrastive").condition == "levels"
+    assert FlowTrainConfig().condition == "levels"
     assert variant_train_config(FlowTrainConfig(), "pair_noise_0.2").pair_noise == 0.2
     with pytest.raises(ConfigError):
         variant_train_config(FlowTrainConfig(), "bogus")
+
+
+def test_levels_condition_uses_the_spatial_levels_the_embeddings_have(caplog):
+    from spatia.flow.train import condition_keys
+
+    full = dict.fromkeys(("X_spatia", "X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"))
+    assert condition_keys("levels", full) == ("X_spatia", "X_spatia_niche", "X_spatia_tissue")
+    assert condition_keys("cell", full) == ("X_spatia_cell",)
+    assert condition_keys("none", full) == ()
+    no_tissue = {k: v for k, v in full.items() if k != "X_spatia_tissue"}
+    with caplog.at_level("WARNING", logger="spatia.flow.train"):
+        assert condition_keys("levels", no_tissue) == ("X_spatia", "X_spatia_niche")
+    assert "X_spatia_tissue" in caplog.text
+    # a required key stays in even when absent, so flow_train refuses it with the file's name
+    assert condition_keys("unified", {}) == ("X_spatia",)
+    assert condition_keys("levels", {}) == ("X_spatia",)

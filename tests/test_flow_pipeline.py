@@ -104,14 +104,14 @@ def test_outputs_are_never_overwritten_and_lambda_is_checked_first(tiny_run, flo
     assert not (tmp_path / "f").exists()
 
 
-def test_reused_autoencoder_and_guidance_one_reproduce(tiny_run, flow_inputs, tmp_path):
+def test_reused_autoencoder_reproduces_the_flow_and_its_samples(tiny_run, flow_inputs, tmp_path):
     cfg = preset("tiny").train  # autoencoder.cells = "pairs", but the given autoencoder is used
     flow_train(flow_inputs["dataset"], flow_inputs["pairs"], flow_inputs["embeddings"], tmp_path / "f", cfg, seed=0,
                autoencoder=tiny_run["flow"])
     a = torch.load(tiny_run["flow"] / "flow.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "f" / "flow.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same autoencoder: same flow
-    flow_generate(tmp_path / "f", tmp_path / "g", FlowGenerateConfig(steps=4, guidance=1.0), seed=5)
+    flow_generate(tmp_path / "f", tmp_path / "g", preset("tiny").generate, seed=5)  # the fixture's config
     with np.load(tmp_path / "g" / "generated.npz") as g, np.load(tiny_run["gen"] / "generated.npz") as h:
         assert np.array_equal(g["generated_images"], h["generated_images"])
 

@@ -161,14 +161,11 @@ def _pair(cells_h5ad: Path, pairs_dir: Path, seed: int) -> dict[str, Any]:
 
 def _flow(dataset: Path, pairs_dir: Path, embeddings: Path, flow_root: Path, demo: DemoConfig,
           seed: int) -> dict[str, Any]:
-    from dataclasses import replace
-
     from spatia.flow import preset
 
     config = preset(demo.flow_preset)
     flow_root.mkdir()
-    train = stages.flow_train(dataset, pairs_dir, embeddings, flow_root / "model",
-                              replace(config.train, condition="unified"), seed=seed)
+    train = stages.flow_train(dataset, pairs_dir, embeddings, flow_root / "model", config.train, seed=seed)
     generated = stages.flow_generate(flow_root / "model", flow_root / "generated", config.generate, seed=seed)
     report = stages.flow_evaluate(flow_root / "generated", flow_root / "report", config.evaluate, seed=seed)
     return {"train": train.summary(), "generate": generated.summary(), "evaluate": report.summary()}

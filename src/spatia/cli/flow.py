@@ -55,9 +55,9 @@ def train_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="FLOW_DIR to create (must not exist).")],
     config: PresetOption = "default",
     config_file: ConfigFileOption = None,
-    condition: Annotated[str, typer.Option("--condition", help="SPATIA embedding of the control: unified (X_spatia), "
-                                           "cell (X_spatia_cell), levels (X_spatia + X_spatia_niche + "
-                                           "X_spatia_tissue) or none.")] = "unified",
+    condition: Annotated[str, typer.Option("--condition", help="SPATIA embedding of the control: levels (X_spatia + "
+                                           "X_spatia_niche + X_spatia_tissue), unified (X_spatia), cell "
+                                           "(X_spatia_cell) or none.")] = "levels",
     contrastive_weight: Annotated[float, typer.Option("--contrastive-weight", help="lambda of the contrastive term, in "
                                                       "[0, 1); 0 = plain flow matching.")] = 0.05,
     pair_noise: Annotated[float, typer.Option("--pair-noise", help="Share of training pairs whose targets are swapped "
@@ -87,7 +87,7 @@ def generate_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="GEN_DIR to create (must not exist).")],
     steps: Annotated[int, typer.Option("--steps", help="Integration steps from the control latent.")] = 20,
     sampler: Annotated[str, typer.Option("--sampler", help="euler or midpoint.")] = "euler",
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1: conditional).")] = 1.0,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (1: plain conditional).")] = 1.5,
     seed: SeedOption = 0,
     quiet: QuietOption = False,
 ) -> None:
@@ -142,7 +142,7 @@ def ablate_command(
     config: PresetOption = "default",
     config_file: ConfigFileOption = None,
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants.")] =
-        "spatia,cell_only,no_contrastive,unconditional,pair_noise_0.1,pair_noise_0.2",
+        "spatia,spatia_unified,cell_only,no_contrastive,unconditional,pair_noise_0.1,pair_noise_0.2",
     inception: Annotated[Path | None, typer.Option("--inception", help="Local pt_inception-2015-12-05 weights.")] = None,
     seed: SeedOption = 0,
     quiet: QuietOption = False,

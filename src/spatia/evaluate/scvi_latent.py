@@ -63,14 +63,17 @@ def scvi_latent(counts: sp.spmatrix | np.ndarray, *, n_latent: int = 10, epochs:
                         var=pd.DataFrame(index=[f"g{j}" for j in range(counts.shape[1])]))
     py_state, np_state = random.getstate(), np.random.get_state()
     previous_threads = torch.get_num_threads()
+    # scvi-tools and Lightning log every epoch at INFO: quiet them for the fit, then give the
+    # caller's process its logging back as it was
+    quieted = [logging.getLogger(name) for name in ("scvi", "lightning", "lightning.pytorch", "lightning.fabric",
+                                                    "lightning.fabric.utilities.seed")]
+    previous_levels = [logger.level for logger in quieted]
     t0 = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            logging.getLogger("scvi").setLevel(logging.WARNING)
-            logging.getLogger("lightning").setLevel(logging.WARNING)
-            for name in ("lightning.pytorch", "lightning.fabric", "lightning.fabric.utilities.seed"):
-                logging.getLogger(name).setLevel(logging.WARNING)
+            for logger in quieted:
+                logger.setLevel(logging.WARNING)
             scvi.settings.seed = seed
             torch.set_num_threads(max(1, n_threads))
             scvi.model.SCVI.setup_anndata(holder)
@@ -79,6 +82,8 @@ def scvi_latent(counts: sp.spmatrix | np.ndarray, *, n_latent: int = 10, epochs:
                         enable_model_summary=False, logger=False, enable_checkpointing=False)
             embedding = np.asarray(model.get_latent_representation(), dtype=np.float32)
     finally:
+        for logger, level in zip(quieted, previous_levels):
+            logger.setLevel(level)
         torch.set_num_threads(previous_threads)
         random.setstate(py_state)
         np.random.set_state(np_state)

@@ -15,11 +15,17 @@ Holdout = Literal["split", "random"]
 NoiseScope = Literal["slide", "transition_slide"]
 
 # obsm keys of the frozen SPATIA embedding per condition mode (`spatia embed` writes them);
-# several keys are concatenated. "levels": the unified embedding plus the niche and tissue levels
-# (the spatial context stated explicitly, in case the unified embedding underweights it)
+# several keys are concatenated. "levels" (the default): the unified embedding plus the niche and
+# tissue levels the checkpoint has, the spatial context stated explicitly: on the simulator it
+# carries the niche-dependent part of the shift that the unified embedding alone does not
+# (docs/flow.md, "Which SPATIA embedding conditions the flow")
 CONDITION_KEYS: dict[str, tuple[str, ...]] = {
     "unified": ("X_spatia",), "cell": ("X_spatia_cell",),
     "levels": ("X_spatia", "X_spatia_niche", "X_spatia_tissue"), "none": ()}
+# keys of a condition that may be absent (a checkpoint whose stage ran no niche or tissue level)
+OPTIONAL_CONDITION_KEYS: frozenset[str] = frozenset({"X_spatia_niche", "X_spatia_tissue"})
+# the condition of the full model's variants (spatia, no_contrastive, pair_noise_*)
+SPATIA_CONDITION: Condition = "levels"
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class FlowOptimConfig:
 class FlowTrainConfig:
     """`flow_train`: autoencoder + conditional contrastive flow matching."""
 
-    condition: Condition = "unified"
+    condition: Condition = SPATIA_CONDITION
     contrastive_weight: float = 0.05   # lambda in [0, 1); 0 turns the contrastive term off
     pair_noise: float = 0.0            # share of training pairs whose targets are swapped (Table 5)
     pair_noise_scope: NoiseScope = "slide"
@@ -93,7 +99,9 @@ class FlowGenerateConfig:
 
     steps: int = 20
     sampler: Sampler = "euler"
-    guidance: float = 1.0              # classifier-free guidance scale (1 = plain conditional)
+    # classifier-free guidance scale (1 = plain conditional); 1.5 measured best on the simulator
+    # (docs/flow.md, "Which SPATIA embedding conditions the flow, and guidance")
+    guidance: float = 1.5
     batch_size: int = 256
     grid_rows: int = 8                 # examples per transition in the PNG grids
 
@@ -120,28 +128,34 @@ class FlowAblateConfig:
     train: FlowTrainConfig = field(default_factory=FlowTrainConfig)
     generate: FlowGenerateConfig = field(default_factory=FlowGenerateConfig)
     evaluate: FlowEvaluateConfig = field(default_factory=FlowEvaluateConfig)
-    variants: tuple[str, ...] = ("spatia", "cell_only", "no_contrastive", "unconditional", "pair_noise_0.1",
-                                 "pair_noise_0.2")
+    variants: tuple[str, ...] = ("spatia", "spatia_unified", "cell_only", "no_contrastive", "unconditional",
+                                 "pair_noise_0.1", "pair_noise_0.2")
 
 
 def variant_train_config(base: FlowTrainConfig, variant: str) -> FlowTrainConfig:
-    """The training config of one named ablation variant, derived from `base`."""
+    """The training config of one named ablation variant, derived from `base`.
+
+    spatia: the full model (`SPATIA_CONDITION`, the unified embedding and its spatial levels);
+    spatia_unified: `X_spatia` alone; cell_only: `X_spatia_cell` (Tables 6 and 12);
+    no_contrastive: lambda = 0; unconditional: no SPATIA embedding (the perturbation embedding
+    stays); pair_noise_<f>: a share f of the training targets swapped within their slide (Table 5).
+    """
     if variant == "spatia":
+        return replace(base, condition=SPATIA_CONDITION)
+    if variant == "spatia_unified":
         return replace(base, condition="unified")
     if variant == "cell_only":
         return replace(base, condition="cell")
-    if variant == "spatia_levels":
-        return replace(base, condition="levels")
     if variant == "no_contrastive":
-        return replace(base, condition="unified", contrastive_weight=0.0)
+        return replace(base, condition=SPATIA_CONDITION, contrastive_weight=0.0)
     if variant == "unconditional":
         return replace(base, condition="none")
     if variant.startswith("pair_noise_"):
-        return replace(base, condition="unified", pair_noise=float(variant.removeprefix("pair_noise_")))
+        return replace(base, condition=SPATIA_CONDITION, pair_noise=float(variant.removeprefix("pair_noise_")))
     from spatia.errors import ConfigError
 
     raise ConfigError(f"unknown flow variant {variant!r}",
-                      fix="use spatia, spatia_levels, cell_only, no_contrastive, unconditional or pair_noise_<fraction>")
+                      fix="use spatia, spatia_unified, cell_only, no_contrastive, unconditional or pair_noise_<fraction>")
 
 
 def _tiny() -> FlowAblateConfig:

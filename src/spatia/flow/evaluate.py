@@ -63,20 +63,21 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 
 
 def variant_name(train_config: Mapping[str, Any] | None) -> str:
-    """The ablation name of a flow trained with `train_config` (a FlowTrainConfig as a dict)."""
+    """The ablation name of a flow trained with `train_config` (a FlowTrainConfig as a dict);
+    the inverse of `spatia.flow.config.variant_train_config`."""
     if not train_config:
         return "generated"
     if float(train_config.get("pair_noise", 0.0)) > 0:
         return f"pair_noise_{float(train_config['pair_noise']):g}"
-    condition = train_config.get("condition", "unified")
+    condition = train_config.get("condition", "levels")
     if condition == "cell":
         return "cell_only"
-    if condition == "levels":
-        return "spatia_levels"
     if condition == "none":
         return "unconditional"
     if float(train_config.get("contrastive_weight", 0.05)) == 0.0:
         return "no_contrastive"
+    if condition == "unified":
+        return "spatia_unified"
     return "spatia"
 
 

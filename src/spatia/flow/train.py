@@ -28,7 +28,7 @@ import torch
 
 from spatia.flow.autoencoder import (CropAutoencoder, LatentStats, encode_all, latent_stats, reconstruction_quality,
                                      train_autoencoder)
-from spatia.flow.config import CONDITION_KEYS, AutoencoderConfig, FlowModelConfig, FlowTrainConfig
+from spatia.flow.config import CONDITION_KEYS, OPTIONAL_CONDITION_KEYS, AutoencoderConfig, FlowModelConfig, FlowTrainConfig
 from spatia.flow.data import FlowData, load_flow_data, swap_targets, training_crops
 from spatia.flow.model import VelocityNet
 from spatia.flow.paths import bridge, check_contrastive_weight, contrastive_fm_loss, draw_negatives, target_velocity
@@ -85,6 +85,18 @@ def _lr_factor(step: int, config) -> float:
         return (step + 1) / max(1, config.warmup_steps)
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def condition_keys(condition: str, embeddings) -> tuple[str, ...]:
+    """The obsm keys the flow is conditioned on: `CONDITION_KEYS[condition]`, less the spatial
+    levels the embeddings lack (a checkpoint whose stage ran no niche or tissue level), with a
+    warning. A required key that is missing stays in, so the caller can refuse it."""
+    keys = CONDITION_KEYS[condition]
+    absent = [k for k in keys if k in OPTIONAL_CONDITION_KEYS and k not in embeddings]
+    if absent:
+        log.warning("condition %r: the embeddings have no %s (the checkpoint ran no such level); conditioning "
+                    "on %s", condition, " or ".join(absent), " + ".join(k for k in keys if k not in absent))
+    return tuple(k for k in keys if k not in absent)
 
 
 def split_validation(train, fraction: float, seed: int):
@@ -192,7 +204,7 @@ def flow_train(dataset: str | Path, pairs_dir: str | Path, embeddings: str | Pat
         lat = stats.standardise(latents)
 
         # 2. conditions
-        keys = CONDITION_KEYS[config.condition]
+        keys = condition_keys(config.condition, data.embeddings)
         missing = [k for k in keys if k not in data.embeddings]
         if missing:
             from spatia.errors import InputDataError
