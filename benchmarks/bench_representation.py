@@ -66,11 +66,10 @@ class _ReusedRun:
 
     @classmethod
     def from_work(cls, work: Path) -> _ReusedRun:
-        import torch
+        from spatia.train import read_checkpoint  # checks that `spatia pretrain` wrote it
 
         checkpoint = work / "run" / "checkpoints" / "last.ckpt"
-        step = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
-        return cls(checkpoint, step, {})
+        return cls(checkpoint, int(read_checkpoint(checkpoint)["global_step"]), {})
 
 
 def main() -> None:

@@ -38,6 +38,22 @@ def test_pair_defaults_are_the_configs(name):
     assert _defaults("pair")[name] == getattr(PairingConfig(), name)
 
 
+def test_flow_defaults_are_the_configs():
+    """The flow commands show the defaults the library uses (condition, lambda, pair noise,
+    sampling, guidance and the ablation's variants)."""
+    from spatia.cli.flow import flow_app
+    from spatia.flow import FlowAblateConfig
+
+    group = typer.main.get_command(flow_app)
+    shown = {name: {p.name: p.default for p in group.commands[name].params} for name in ("train", "generate", "ablate")}
+    config = FlowAblateConfig()
+    assert (shown["train"]["condition"], shown["train"]["contrastive_weight"], shown["train"]["pair_noise"]) == (
+        config.train.condition, config.train.contrastive_weight, config.train.pair_noise)
+    assert (shown["generate"]["steps"], shown["generate"]["sampler"], shown["generate"]["guidance"]) == (
+        config.generate.steps, config.generate.sampler, config.generate.guidance)
+    assert tuple(shown["ablate"]["variants"].split(",")) == config.variants
+
+
 def test_a_config_file_is_overridden_only_by_typed_options(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -129,7 +129,6 @@ def test_add_modality_embedding_aligns_by_cell_id():
     assert np.array_equal(adata.obsm["X_spatia_image"], expected)
 
 
-
 def test_add_image_only_embeddings_merges_every_level_the_file_has():
     """The image-only file's unified, cell-level and niche-level keys arrive, aligned by cell;
     the stage and bench_representation both merge through this one helper."""
@@ -149,6 +148,7 @@ def test_add_image_only_embeddings_merges_every_level_the_file_has():
     fresh, _ = synthetic_evaluation_data(30, n_genes=10, seed=12)
     add_image_only_embeddings(fresh, without_levels)  # an older file: the unified key only
     assert "X_spatia_image_cell" not in fresh.obsm and np.array_equal(fresh.obsm["X_spatia_image"], image)
+
 
 # --- verdicts: headline, warning, bold ---------------------------------------------------------
 

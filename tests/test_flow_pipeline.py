@@ -104,6 +104,27 @@ def test_outputs_are_never_overwritten_and_lambda_is_checked_first(tiny_run, flo
     assert not (tmp_path / "f").exists()
 
 
+def test_ablation_scores_every_variant_in_one_latent_space_and_refuses_unknown_ones(flow_inputs, tmp_path):
+    from spatia.flow import flow_ablate
+
+    args = (flow_inputs["dataset"], flow_inputs["pairs"], flow_inputs["embeddings"])
+    bad = replace(preset("tiny"), variants=("spatia", "spatia_levels"))  # the old name of today's `spatia`
+    with pytest.raises(ConfigError, match="spatia_levels"):
+        flow_ablate(*args, tmp_path / "bad", bad)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+    cfg = replace(preset("tiny"), variants=("spatia", "cell_only"))
+    flow_ablate(*args, tmp_path / "ab", cfg, seed=0)
+    conditions = {v: json.loads((tmp_path / "ab" / "flows" / v / "spatia_run.json").read_text())["config"]
+                  ["flow_train"]["condition"] for v in cfg.variants}
+    assert conditions == {"spatia": "levels", "cell_only": "cell"}
+    first, second = (torch.load(tmp_path / "ab" / "flows" / v / "autoencoder.pt", weights_only=False)["state_dict"]
+                     for v in cfg.variants)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the variants share one autoencoder
+    metrics = json.loads((tmp_path / "ab" / "report" / "metrics.json").read_text())
+    assert {"spatia", "cell_only", "identity"} <= set(metrics["variants"])
+
+
 def test_reused_autoencoder_reproduces_the_flow_and_its_samples(tiny_run, flow_inputs, tmp_path):
     cfg = preset("tiny").train  # autoencoder.cells = "pairs", but the given autoencoder is used
     flow_train(flow_inputs["dataset"], flow_inputs["pairs"], flow_inputs["embeddings"], tmp_path / "f", cfg, seed=0,

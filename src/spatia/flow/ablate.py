@@ -44,18 +44,20 @@ def flow_ablate(dataset: str | Path, pairs_dir: str | Path, embeddings: str | Pa
     started = time.perf_counter()
     out_dir = Path(out_dir)
     refuse_existing(out_dir, what="ablation output folder")
+    # unknown variants and unreadable inputs are refused before OUT_DIR is made
+    base = config.train
+    train_configs = {variant: variant_train_config(base, variant) for variant in config.variants}
+    data = load_flow_data(dataset, pairs_dir, embeddings, signature_pcs=base.model.signature_pcs,
+                          holdout=base.holdout, holdout_fraction=base.holdout_fraction, seed=seed)
     (out_dir / "flows").mkdir(parents=True)
     (out_dir / "generated").mkdir()
     write_run_record(out_dir, "flow ablate", {"flow_ablate": config, "inputs": {
         "dataset": str(dataset), "pairs": str(pairs_dir), "embeddings": str(embeddings)}}, seed)
-    base = config.train
-    data = load_flow_data(dataset, pairs_dir, embeddings, signature_pcs=base.model.signature_pcs,
-                          holdout=base.holdout, holdout_fraction=base.holdout_fraction, seed=seed)
     trained, generated, gen_dirs = {}, {}, {}
     autoencoder = None
-    for variant in config.variants:
+    for variant, train_config in train_configs.items():
         flow_dir = out_dir / "flows" / variant
-        result = flow_train(dataset, pairs_dir, embeddings, flow_dir, variant_train_config(base, variant), seed,
+        result = flow_train(dataset, pairs_dir, embeddings, flow_dir, train_config, seed,
                             autoencoder=autoencoder, data=data)
         autoencoder = autoencoder or flow_dir / "autoencoder.pt"
         trained[variant] = result.summary()
