@@ -1,4 +1,5 @@
-"""Morphometry targets (known answers on drawn shapes), the auxiliary loss, and the gene residual."""
+"""Morphometry measures (known answers on drawn shapes), the auxiliary loss, the morphometry input
+of z_cell and the gene residual."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from spatia.model import BatchSizes, SpatiaModel, load_config, synthetic_batch, 
 from spatia.model.morphometry import (
     INTENSITY_NAMES,
     SHAPE_NAMES,
-    morphometry_targets,
+    MorphometryInput,
+    morphometry_measures,
     n_morphometry_features,
     standardise_over_batch,
 )
@@ -28,7 +30,7 @@ def test_rectangle_shape_measures_match_closed_forms():
     mask = torch.zeros(1, 1, s, s, dtype=torch.bool)
     mask[..., 16:48, 20:44] = True                     # 32 rows x 24 columns
     image = mask.float() * 0.5
-    t = morphometry_targets(image, mask)[0]
+    t = morphometry_measures(image, mask)[0]
     assert t.shape == (n_morphometry_features(1),)
     assert t[_column("area_fraction")] == pytest.approx(32 * 24 / s**2)
     # uniform rectangle of side L: variance L^2/12, axis = 4 sqrt(var) = L / sqrt(3) * 2
@@ -39,6 +41,23 @@ def test_rectangle_shape_measures_match_closed_forms():
     assert t[_column("q50")] == pytest.approx(0.5)
     assert t[_column("integrated")] == pytest.approx(0.5 * 32 * 24 / s**2)
     assert t[_column("dark_fraction")] == pytest.approx(0.0)
+    assert t[_column("edge_mean")] == pytest.approx(0.5)
+
+
+def test_edge_mean_reads_the_boundary_ring():
+    """A nucleus with a bright rim (peripheral chromatin) and one with a bright centre: same
+    mean intensity order reversed on the boundary."""
+    s = 64
+    mask = torch.zeros(1, 1, s, s, dtype=torch.bool)
+    mask[..., 16:48, 16:48] = True
+    ring = mask & ~torch.nn.functional.pad(mask[..., 1:-1, 1:-1] & mask[..., :-2, 1:-1] & mask[..., 2:, 1:-1]
+                                           & mask[..., 1:-1, :-2] & mask[..., 1:-1, 2:], (1, 1, 1, 1))
+    rim = torch.where(ring, 0.9, 0.2) * mask
+    centre = torch.where(ring, 0.2, 0.9) * mask
+    t = morphometry_measures(torch.cat([rim, centre]), torch.cat([mask, mask]))
+    assert ring.sum() == 4 * 32 - 4
+    assert t[0, _column("edge_mean")] == pytest.approx(0.9, abs=1e-6)
+    assert t[1, _column("edge_mean")] == pytest.approx(0.2, abs=1e-6)
 
 
 def test_measures_rank_size_brightness_and_texture():
@@ -50,7 +69,7 @@ def test_measures_rank_size_brightness_and_texture():
     textured = 0.4 + 0.3 * torch.sign(torch.sin(xx.float()))[None, None]
     masks = torch.cat([small, large, large, large])
     images = torch.cat([smooth, smooth, smooth * 2, textured]) * masks
-    t = morphometry_targets(images, masks)
+    t = morphometry_measures(images, masks)
     assert t[1, _column("area_fraction")] > t[0, _column("area_fraction")]           # larger disc
     assert t[1, _column("elongation")] == pytest.approx(1.0, abs=0.02)               # a disc is round
     assert t[2, _column("mean")] == pytest.approx(2 * t[1, _column("mean")])         # brighter
@@ -61,7 +80,7 @@ def test_measures_rank_size_brightness_and_texture():
 def test_empty_mask_uses_the_whole_crop_and_gives_finite_values():
     image = torch.rand(2, 2, 32, 32)
     mask = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
-    t = morphometry_targets(image, mask)
+    t = morphometry_measures(image, mask)
     assert t.shape == (2, n_morphometry_features(2)) and torch.isfinite(t).all()
     assert t[0, _column("area_fraction")] == pytest.approx(1.0)
 
@@ -73,10 +92,11 @@ def test_standardise_over_batch():
     assert torch.equal(z[:, 1], torch.zeros(2))                                    # constant -> 0
 
 
-def _model(morphometry: float = 0.0, gene_residual: bool = False):
+def _model(morphometry: float = 0.0, gene_residual: bool = False, morphometry_residual: bool = False):
     config = load_config("tiny")
     config = dataclasses.replace(
-        config, fusion=dataclasses.replace(config.fusion, gene_residual=gene_residual),
+        config, fusion=dataclasses.replace(config.fusion, gene_residual=gene_residual,
+                                           morphometry_residual=morphometry_residual),
         loss=dataclasses.replace(config.loss, cell=dataclasses.replace(config.loss.cell, morphometry=morphometry)))
     torch.manual_seed(0)
     batch = synthetic_batch(config, BatchSizes(n_tissues=2, cells_per_tissue=16, n_genes=40), seed=0)
@@ -106,3 +126,38 @@ def test_gene_residual_carries_genes_and_stays_out_of_image_only_embeddings():
     image = model.embed(batch, modality="image", levels=("cell",)).z_cell
     image_shuffled = model.embed(shuffled, modality="image", levels=("cell",)).z_cell
     assert torch.allclose(image, image_shuffled)                                 # and not without them
+
+
+def test_morphometry_input_standardises_with_the_set_statistics():
+    torch.manual_seed(0)
+    layer = MorphometryInput(3, 4)
+    x = torch.tensor([[1.0, 10.0, 5.0], [3.0, 30.0, 5.0]])
+    assert torch.allclose(layer(x), layer.proj(x))                         # 0 / 1 until set
+    layer.set_statistics([2.0, 20.0, 5.0], [1.0, 10.0, 0.0])             # a constant measure: std 1
+    expected = layer.proj(torch.tensor([[-1.0, -1.0, 0.0], [1.0, 1.0, 0.0]]))
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert torch.allclose(layer(x[:1]), expected[:1], atol=1e-6)         # no batch statistics
+    state = layer.state_dict()
+    assert torch.equal(state["mean"], torch.tensor([2.0, 20.0, 5.0]))  # saved with the weights
+    with pytest.raises(ValueError, match="3 values"):
+        layer.set_statistics([0.0, 0.0], [1.0, 1.0])
+
+
+def test_morphometry_residual_carries_the_nucleus_into_image_embeddings_and_not_gene_only_ones():
+    model, batch = _model(morphometry_residual=True)
+    assert model.cell_fusion.morphometry is not None
+    assert _model()[0].cell_fusion.morphometry is None
+    # the same pixels under another cell mask: only the measures see the mask
+    other = dict(batch, cell_mask=batch["cell_mask"].roll(1, dims=0))
+    for modality in ("image", "both"):
+        a = model.embed(batch, modality=modality, levels=("cell",)).z_cell
+        b = model.embed(other, modality=modality, levels=("cell",)).z_cell
+        measures = morphometry_measures(batch["cell_image"], batch["cell_mask"])
+        moved = morphometry_measures(other["cell_image"], other["cell_mask"])
+        through = model.cell_fusion.morphometry(moved) - model.cell_fusion.morphometry(measures)
+        assert through.abs().max() > 1e-3 and torch.allclose(b - a, through, atol=1e-5)
+    gene_only = model.embed(batch, modality="gene", levels=("cell",)).z_cell
+    assert torch.allclose(gene_only, model.embed(other, modality="gene", levels=("cell",)).z_cell)
+    plain, _ = _model()
+    assert torch.allclose(plain.embed(batch, modality="image", levels=("cell",)).z_cell,
+                          plain.embed(other, modality="image", levels=("cell",)).z_cell)

@@ -114,6 +114,7 @@ def test_token_cap_and_pixel_statistics_come_from_the_train_cells(simulated_mist
     from spatia.mist import CellDataset
     from spatia.model import load_config
     from spatia.train import load_model
+    from spatia.model.morphometry import morphometry_measures
     from spatia.train.data import TOKEN_CAP_PERCENTILE, dataset_statistics, resolve_data_config
 
     cells = CellDataset(simulated_mist, split="train")
@@ -140,6 +141,18 @@ def test_token_cap_and_pixel_statistics_come_from_the_train_cells(simulated_mist
     model, _ = load_model(simulated_checkpoint)  # pretrain wrote the measured values
     assert model.config.gene.max_tokens == resolved.gene.max_tokens
     assert model.config.image.pixel_mean == resolved.image.pixel_mean
+
+    # the morphometry input is standardised with the train cells' measures, saved with the weights
+    measures = morphometry_measures(torch.stack([it["cell_image"] for it in items]),
+                                    torch.stack([it["cell_mask"] for it in items])).double()
+    assert np.allclose(stats.morphometry_mean, measures.mean(dim=0).numpy(), atol=1e-6)
+    assert np.allclose(stats.morphometry_std, measures.std(dim=0, unbiased=False).numpy(), atol=1e-6)
+    saved = model.cell_fusion.morphometry
+    default = dataset_statistics(simulated_mist)  # the sample pretrain measured on
+    assert np.allclose(saved.mean.numpy(), default.morphometry_mean, atol=1e-5)
+    constant = default.morphometry_std < 1e-6
+    assert np.allclose(saved.std.numpy()[~constant], default.morphometry_std[~constant], rtol=1e-5)
+    assert np.all(saved.std.numpy()[constant] == 1.0)
 
 
 def test_statistics_refuse_a_dataset_without_train_cells(tmp_path, simulated_mist):

@@ -221,3 +221,18 @@ def test_a_run_killed_right_after_a_checkpoint_loses_no_metric_row(dataset, tmp_
         return sorted(zip(table["step"], table["train/total"].notna(), table["val/total"].notna()))
 
     assert rows(out) == rows(full) and any(val for _, _, val in rows(full))
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_with_the_fix(simulated_checkpoint, tmp_path):
+    """Format 1 checkpoints predate the morphometry input of z_cell: their weights cannot fit."""
+    from spatia.errors import InputDataError
+    from spatia.train.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+
+    checkpoint = torch.load(simulated_checkpoint, map_location="cpu", weights_only=False)
+    assert checkpoint[CHECKPOINT_KEY]["format"] == CHECKPOINT_FORMAT == 2
+    checkpoint[CHECKPOINT_KEY]["format"] = 1
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    with pytest.raises(InputDataError, match="format 1 was written before") as error:
+        load_model(old)
+    assert "pretrain again" in str(error.value)

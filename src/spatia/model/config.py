@@ -83,6 +83,8 @@ class FusionConfig:
     dropout: float = 0.0
     gene_residual: bool = True      # z_cell += W * (gene encoder's profile token): the gene summary
                                     # reaches z_cell without passing through the image queries
+    morphometry_residual: bool = True  # z_cell += W * (the crop's standardised morphometry measures)
+                                    # when images are used: nuclear measures a small ViT misses
 
 
 @dataclass

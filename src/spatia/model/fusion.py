@@ -3,7 +3,9 @@
 Cell fusion: `z_cell = pool(CrossAttn(Q = X_c, K = V = X_g))` with the image tokens X_c as
 queries and the gene tokens X_g as keys/values. A learned "no gene" key/value token is always
 present, so attention is defined for cells without gene tokens (gene modality withheld, or a
-cell with no measured genes): such cells attend only to that token.
+cell with no measured genes): such cells attend only to that token. Two residuals beyond the
+paper reach z_cell directly: the gene summary (`fusion.gene_residual`) and the crop's
+morphometry measures (`fusion.morphometry_residual`).
 
 Final fusion (Eq. 4): each cell's z_cell attends to [z_cell, z_niche, z_tissue] of its own
 niche and tissue (whichever levels ran); the result, through a zero-initialised projection, is
@@ -18,13 +20,14 @@ from torch import nn
 
 from spatia.model.config import FusionConfig
 from spatia.model.layers import CrossAttentionBlock
+from spatia.model.morphometry import MorphometryInput, n_morphometry_features
 
 
 class CellFusion(nn.Module):
     """forward(image_tokens (B, Lq, image_dim), gene_tokens (B, Lg, gene_dim), gene_valid (B, Lg))
     -> fused tokens (B, Lq, D), z_cell (B, D)."""
 
-    def __init__(self, cfg: FusionConfig, image_dim: int, gene_dim: int):
+    def __init__(self, cfg: FusionConfig, image_dim: int, gene_dim: int, image_channels: int = 1):
         super().__init__()
         self.query_proj = nn.Linear(image_dim, cfg.dim)
         self.null_kv = nn.Parameter(torch.zeros(1, 1, gene_dim))
@@ -34,14 +37,19 @@ class CellFusion(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.gene_summary = nn.Linear(gene_dim, cfg.dim) if cfg.gene_residual else None
+        self.morphometry = (MorphometryInput(n_morphometry_features(image_channels), cfg.dim)
+                            if cfg.morphometry_residual else None)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.null_kv, std=0.02)
 
     def forward(self, image_tokens: torch.Tensor, gene_tokens: torch.Tensor, gene_valid: torch.Tensor,
-                gene_summary: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                gene_summary: torch.Tensor | None = None, morphometry: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """gene_summary (B, gene_dim): the gene encoder's profile token, 0 for cells without genes;
-        added to z_cell through `gene_summary` when `fusion.gene_residual`."""
+        added to z_cell through `gene_summary` when `fusion.gene_residual`. morphometry (B, F):
+        the crop's measures (`morphometry_measures`), None when images are withheld; added to
+        z_cell through `MorphometryInput` when `fusion.morphometry_residual`."""
         b = image_tokens.shape[0]
         kv = torch.cat([self.null_kv.expand(b, -1, -1), gene_tokens], dim=1)
         valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=kv.device), gene_valid], dim=1)
@@ -52,6 +60,8 @@ class CellFusion(nn.Module):
         z_cell = fused.mean(dim=1)
         if self.gene_summary is not None and gene_summary is not None:
             z_cell = z_cell + self.gene_summary(gene_summary)
+        if self.morphometry is not None and morphometry is not None:
+            z_cell = z_cell + self.morphometry(morphometry)
         return fused, z_cell
 
 

@@ -1,31 +1,37 @@
-"""Morphometry targets: hand-made shape, intensity and texture measures of a cell crop, in torch.
+"""Morphometry: hand-made shape, intensity and texture measures of a cell crop, in torch.
 
-An auxiliary self-supervised target for the cell image encoder (`loss.cell.morphometry`): a
-linear head on the mean of the encoder's tokens predicts these measures of the *whole* crop
-from the visible patches, as MaskFeat (Wei et al., CVPR 2022) predicts hand-made HOG features
-of masked regions. Pixel reconstruction alone (MAE) spends a small model's capacity on the
-dark background and the exact texture; these targets make the image embedding carry what a
-CellProfiler-style feature vector carries (size, shape, intensity, texture), which is what
-the image-only embedding is compared against (`spatia evaluate`'s morphology features). Not in
-the paper; docs/model.md gives the measurements behind it.
+The measures serve the cell level twice (neither is in the paper; docs/model.md gives the
+measurements behind both):
+
+- **an input** (`fusion.morphometry_residual`): `MorphometryInput` standardises them with the
+  training data's running statistics and adds `Linear(measures)` to z_cell, as the gene
+  residual adds the gene summary. A small ViT trained for a few thousand steps does not
+  discover the nuclear measures a CellProfiler-style feature vector holds (size, boundary
+  intensity, chromatin texture); given them, the image-only embedding carries them and the
+  network learns what to add.
+- **an auxiliary target** for the cell image encoder (`loss.cell.morphometry`): a linear head
+  on the mean of the encoder's tokens predicts the measures of the *whole* crop from the
+  visible patches, as MaskFeat (Wei et al., CVPR 2022) predicts hand-made HOG features of
+  masked regions, so the encoder itself learns them too. The targets are standardised over the
+  batch before the loss.
 
 The measures are computed on the fly from the batch (`cell_image` in [0, 1] and `cell_mask`),
-per channel where they concern intensity, and standardised over the batch before the loss, so
-their units do not matter and no dataset statistics are stored.
+per channel where they concern intensity.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 SHAPE_NAMES = ("area_fraction", "sqrt_area", "major_axis", "minor_axis", "elongation", "boundary_fraction")
 INTENSITY_NAMES = ("mean", "std", "q10", "q50", "q90", "integrated", "weighted_spread",
-                   "gradient_mean", "laplacian_abs_mean", "dark_fraction")
+                   "gradient_mean", "laplacian_abs_mean", "dark_fraction", "edge_mean")
 
 
 def n_morphometry_features(channels: int) -> int:
-    """Width of `morphometry_targets`' output for crops with `channels` channels."""
+    """Width of `morphometry_measures`' output for crops with `channels` channels."""
     return len(SHAPE_NAMES) + channels * len(INTENSITY_NAMES)
 
 
@@ -44,7 +50,7 @@ def _second_moments(weight: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) ->
 
 
 @torch.no_grad()
-def morphometry_targets(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def morphometry_measures(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Measures of each crop: float32 (B, n_morphometry_features(C)).
 
     image float (B, C, S, S) in [0, 1]; mask bool (B, 1 or C, S, S), the cell's polygon (the
@@ -54,8 +60,9 @@ def morphometry_targets(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     their ratio, the share of mask pixels on its boundary. Per channel, inside the mask: mean,
     standard deviation, 10/50/90th percentiles, integrated intensity (sum / S^2), intensity-
     weighted spread (sqrt of the summed second-moment eigenvalues), mean Sobel gradient
-    magnitude, mean |Laplacian|, share of pixels below half the cell's median. A crop with an
-    empty mask uses the whole crop.
+    magnitude, mean |Laplacian|, share of pixels below half the cell's median, mean on the
+    mask's boundary pixels (CellProfiler's MeanIntensityEdge: peripheral chromatin). A crop with
+    an empty mask uses the whole crop.
     """
     image = image.float()
     b, c, s, _ = image.shape
@@ -69,7 +76,9 @@ def morphometry_targets(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     eig = _second_moments(mf[:, 0], ys, xs)
     major, minor = 4 * eig[:, 0].sqrt(), 4 * eig[:, 1].sqrt()
     eroded = -F.max_pool2d(-mf, kernel_size=3, stride=1, padding=1)
-    boundary = (mf - eroded).clamp(min=0).sum(dim=(1, 2, 3)) / area.clamp(min=1)
+    edge = (mf - eroded).clamp(min=0)                                            # (B, 1, S, S)
+    n_edge = edge.sum(dim=(1, 2, 3)).clamp(min=1)
+    boundary = edge.sum(dim=(1, 2, 3)) / area.clamp(min=1)
     columns = [area / (s * s), (area / (s * s)).sqrt(), major, minor, major / minor.clamp(min=1e-3), boundary]
 
     sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=image.device) / 8
@@ -91,8 +100,9 @@ def morphometry_targets(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
         lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), laplace).abs()
         lap_mean = (lap * mf).flatten(1).sum(dim=1) / n
         dark = ((values < 0.5 * quantiles[:, 1:2]) & inside).sum(dim=1) / n
+        edge_mean = (x * edge).sum(dim=(1, 2, 3)) / n_edge
         columns += [mean, std, quantiles[:, 0], quantiles[:, 1], quantiles[:, 2], integrated, spread,
-                    grad_mean, lap_mean, dark]
+                    grad_mean, lap_mean, dark, edge_mean]
     return torch.nan_to_num(torch.stack(columns, dim=1), nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -101,3 +111,36 @@ def standardise_over_batch(targets: torch.Tensor, eps: float = 1e-4) -> torch.Te
     mean = targets.mean(dim=0, keepdim=True)
     std = targets.std(dim=0, unbiased=False, keepdim=True)
     return (targets - mean) / (std + eps)
+
+
+class MorphometryInput(nn.Module):
+    """forward(measures (B, F)) -> (B, D): `Linear` of the measures standardised with fixed
+    dataset statistics.
+
+    The statistics are buffers (saved with the weights): `spatia pretrain` sets them from the
+    training cells (`set_statistics`, measured by `spatia.train.data.dataset_statistics`), so
+    embedding uses the training data's; until set they are 0 and 1. Batch statistics are never
+    used: the localised training batches are cells of one or two regions, and centring on their
+    own mean would remove the regional differences in morphology that the embedding should keep.
+    """
+
+    def __init__(self, n_features: int, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        self.proj = nn.Linear(n_features, dim)
+
+    @torch.no_grad()
+    def set_statistics(self, mean, std) -> None:
+        """Set the standardisation: per-measure mean and standard deviation (F,) (array-likes);
+        a standard deviation under 1e-6 (a constant measure) is taken as 1."""
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if mean.shape != self.mean.shape or std.shape != self.std.shape:
+            raise ValueError(f"morphometry statistics must have {self.mean.numel()} values, "
+                             f"got {mean.numel()} and {std.numel()}")
+        self.mean.copy_(mean)
+        self.std.copy_(torch.where(std < 1e-6, torch.ones_like(std), std))
+
+    def forward(self, measures: torch.Tensor) -> torch.Tensor:
+        return self.proj((measures.float() - self.mean) / self.std)

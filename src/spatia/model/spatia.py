@@ -22,7 +22,7 @@ from spatia.model.fusion import CellFusion, FinalFusion
 from spatia.model.gene import GeneEncoder, normalize_counts, read_gene_table, select_genes, split_masked
 from spatia.model.image import ImageEncoder, load_vitmae_weights, random_patch_mask
 from spatia.model.layers import init_weights, unpatchify
-from spatia.model.morphometry import morphometry_targets, n_morphometry_features, standardise_over_batch
+from spatia.model.morphometry import morphometry_measures, n_morphometry_features, standardise_over_batch
 from spatia.model.niche import NicheAttention
 from spatia.model.tissue import TissueTransformer
 
@@ -106,7 +106,7 @@ class SpatiaModel(nn.Module):
         self.niche_image_encoder = None if im.share_encoder else ImageEncoder(im, im.niche_size_px)
         self.tissue_image_encoder = None if im.share_encoder else ImageEncoder(im, im.tissue_size_px)
         self.gene_encoder = GeneEncoder(config.gene, len(symbols))
-        self.cell_fusion = CellFusion(config.fusion, im.hidden_size, config.gene.dim)
+        self.cell_fusion = CellFusion(config.fusion, im.hidden_size, config.gene.dim, im.channels)
         self.niche_attention = NicheAttention(config.niche, dim, im.hidden_size)
         self.tissue_transformer = TissueTransformer(config.tissue, dim, im.hidden_size)
         self.final_fusion = FinalFusion(config.fusion)
@@ -273,7 +273,12 @@ class SpatiaModel(nn.Module):
         summary = None
         if cfg.fusion.gene_residual:  # the profile token (validated: gene.profile_token), 0 without genes
             summary = gene_tokens[:, 0] * gene_valid[:, :1].to(gene_tokens.dtype)
-        fused, z_cell = self.cell_fusion(cell["tokens"], gene_tokens, gene_valid, summary)
+        measures = None
+        if use_image and (cfg.fusion.morphometry_residual or
+                          (compute_losses and self.morphometry_head is not None and "cell_mask" in batch)):
+            measures = self._cell_measures(batch)
+        fused, z_cell = self.cell_fusion(cell["tokens"], gene_tokens, gene_valid, summary,
+                                         measures if cfg.fusion.morphometry_residual else None)
 
         # ---- niche level (Eq. 5) and tissue level (Eq. 6)
         z_niche = z_tissue = niche_z = niche_tz = tissue_z = None
@@ -328,13 +333,22 @@ class SpatiaModel(nn.Module):
             out.reconstructions[level] = rec
         if self.morphometry_head is not None and use_image and "cell_mask" in batch:
             # MaskFeat-style: the crop's hand-made measures from the visible patches' tokens
-            target = standardise_over_batch(morphometry_targets(batch["cell_image"], batch["cell_mask"]))
+            target = standardise_over_batch(measures)
             pred = self.morphometry_head(cell["tokens"].mean(dim=1)).float()
             loss = torch.nn.functional.mse_loss(pred, target)
             out.losses["cell/morphometry"] = loss
             total = total + cfg.loss.cell.morphometry * loss
         out.losses["total"] = total
         return out
+
+    @staticmethod
+    def _cell_measures(batch: MultiScaleBatch) -> torch.Tensor:
+        """The cell crops' morphometry measures (B, F); without `cell_mask`, of the whole crop."""
+        mask = batch.get("cell_mask")
+        if mask is None:
+            image = batch["cell_image"]
+            mask = torch.zeros(image.shape[0], 1, *image.shape[2:], dtype=torch.bool, device=image.device)
+        return morphometry_measures(batch["cell_image"], mask)
 
     def _encode_images(self, level: str, images: torch.Tensor, mask_ratio: float,
                        generator: torch.Generator | None) -> dict[str, torch.Tensor]:

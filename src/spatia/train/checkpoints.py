@@ -76,6 +76,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if meta.get("format", 0) > CHECKPOINT_FORMAT:
         raise InputDataError(f"checkpoint format {meta.get('format')} is newer than this spatia reads "
                              f"({CHECKPOINT_FORMAT})", path=path, fix="upgrade spatia")
+    if meta.get("format", 0) < CHECKPOINT_FORMAT:
+        raise InputDataError(f"checkpoint format {meta.get('format', 0)} was written before the model's cell "
+                             f"level changed (format {CHECKPOINT_FORMAT}: the morphometry input of z_cell)",
+                             path=path, fix="pretrain again with this spatia (`spatia pretrain`), or read the "
+                             "checkpoint with the spatia version that wrote it")
     return checkpoint
 
 

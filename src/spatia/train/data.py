@@ -295,19 +295,24 @@ STATISTICS_CELLS = 1000
 
 
 class DatasetStatistics(NamedTuple):
-    """What `resolve_data_config` fills in: the gene-token cap and the cell-crop pixel stats."""
+    """What `resolve_data_config` fills in (the gene-token cap and the cell-crop pixel stats), and
+    the standardisation of the morphometry input (`set_morphometry_statistics`)."""
 
     token_cap: int
     pixel_mean: float
     pixel_std: float
     n_cells: int
+    morphometry_mean: np.ndarray      # (F,) float64, `morphometry_measures` of the cell crops
+    morphometry_std: np.ndarray
 
 
 def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, seed: int = 0) -> DatasetStatistics:
     """Measure, on a seeded sample of up to `n_cells` train cells of a MIST dataset: the
     `TOKEN_CAP_PERCENTILE` percentile of nonzero measured genes per cell (rounded up, at least
-    1) and the mean and standard deviation of the cell-crop pixels (in [0, 1], every pixel)."""
+    1), the mean and standard deviation of the cell-crop pixels (in [0, 1], every pixel) and of
+    each morphometry measure of the cell crops (`spatia.model.morphometry`)."""
     from spatia.mist.datasets import CellDataset
+    from spatia.model.morphometry import morphometry_measures
 
     cells = CellDataset(root, split="train")
     if len(cells) == 0:
@@ -318,6 +323,7 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
     nonzero = np.empty(len(rows))
     total = total_sq = 0.0
     n_pixels = 0
+    images, masks = [], []
     for i, row in enumerate(rows):
         item = cells[int(row)]
         nonzero[i] = float(((item["cell_counts"] > 0) & item["cell_gene_measured"]).sum())
@@ -325,10 +331,24 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
         total += float(pixels.sum())
         total_sq += float((pixels * pixels).sum())
         n_pixels += pixels.numel()
+        images.append(item["cell_image"])
+        masks.append(item["cell_mask"])
     mean = total / n_pixels
     std = max((total_sq / n_pixels - mean * mean) ** 0.5, 1e-3)
     cap = max(int(np.ceil(np.percentile(nonzero, TOKEN_CAP_PERCENTILE))), 1)
-    return DatasetStatistics(cap, float(mean), float(std), len(rows))
+    measures = morphometry_measures(torch.stack(images), torch.stack(masks)).double().numpy()
+    return DatasetStatistics(cap, float(mean), float(std), len(rows), measures.mean(axis=0), measures.std(axis=0))
+
+
+def set_morphometry_statistics(model, root: str | Path, *, seed: int = 0) -> bool:
+    """Standardise `model`'s morphometry input (`fusion.morphometry_residual`) with the measures
+    of the train cells of the MIST dataset at `root`; False (nothing done) when it has none."""
+    morphometry = getattr(model.cell_fusion, "morphometry", None)
+    if morphometry is None:
+        return False
+    stats = dataset_statistics(root, seed=seed)
+    morphometry.set_statistics(stats.morphometry_mean, stats.morphometry_std)
+    return True
 
 
 def resolve_data_config(config, root: str | Path, *, seed: int = 0):

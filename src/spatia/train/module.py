@@ -35,7 +35,7 @@ from spatia.model import LEVELS, SpatiaConfig, SpatiaModel
 from spatia.train.data import BatchPosition
 
 CHECKPOINT_KEY = "spatia"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the morphometry input of z_cell (fusion.morphometry_residual), 17 measures
 LR_SCHEDULES = ("cosine", "constant")
 
 

@@ -315,7 +315,7 @@ def pretrain(
     Returns:
         `PretrainResult` with the checkpoints, the final global step and the last logged metrics.
     """
-    from spatia.train.data import MistDataModule, resolve_data_config, split_has_cells
+    from spatia.train.data import MistDataModule, resolve_data_config, set_morphometry_statistics, split_has_cells
 
     dataset = Path(dataset)
     out_dir = Path(out_dir)
@@ -395,6 +395,8 @@ def pretrain(
     module.checkpoint_extra = {"dataset": str(dataset.resolve())}
     if initial_state is not None:
         module.model.load_state_dict(initial_state)
+    elif resume is None:  # a new model: its morphometry input is standardised with this dataset's train cells
+        set_morphometry_statistics(module.model, dataset)
     report = module.model.load_pretrained(image_weights=image_weights, gene_embeddings=gene_embeddings) \
         if (image_weights is not None or gene_embeddings is not None) else {}
     datamodule = MistDataModule(dataset, tissues_per_batch=train.tissues_per_batch,
