@@ -171,14 +171,19 @@ def test_flow_moves_latents_towards_the_designed_targets(flow_inputs, tmp_path):
         l1 = stats.standardise(encode_all(ae, h["tgt_images"], h["tgt_masks"]))
         trans = torch.from_numpy(h["transition"].astype(np.int64))
         z = torch.from_numpy(h["z"])
-    pred = predict_latents(net, l0, z, trans, state["signature_coords"], FlowGenerateConfig(steps=10))
+    # guidance 1: the conditions here are embeddings of the 2-step plumbing checkpoint, random
+    # features of the control cell (its morphometry measures loudest among them), and guidance
+    # > 1 amplifies whatever the condition holds; this test is about the flow learning the shift.
+    # Measured on this fixture: 0.51 of the identity gap at guidance 1, 0.74 at 1.5 (0.49
+    # unconditional). The default 1.5 is chosen on trained embeddings (docs/flow.md).
+    pred = predict_latents(net, l0, z, trans, state["signature_coords"], FlowGenerateConfig(steps=10, guidance=1.0))
     gap_identity, gap_flow = [], []
     for t in trans.unique():
         rows = trans == t
         target = l1[rows].mean(0)
         gap_identity.append(float((l0[rows].mean(0) - target).norm()))
         gap_flow.append(float((pred[rows].mean(0) - target).norm()))
-    # 0.55 measured (was < 0.5 before the simulator's shifts became niche-dependent: held-out
+    # 0.51 measured (was < 0.5 before the simulator's shifts became niche-dependent: held-out
     # pairs lie in other spatial blocks with another niche mix, and their mean shift differs)
     assert np.mean(gap_flow) < 0.65 * np.mean(gap_identity), (gap_flow, gap_identity)
 

@@ -323,7 +323,7 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
     nonzero = np.empty(len(rows))
     total = total_sq = 0.0
     n_pixels = 0
-    images, masks = [], []
+    images, masks, measures = [], [], []
     for i, row in enumerate(rows):
         item = cells[int(row)]
         nonzero[i] = float(((item["cell_counts"] > 0) & item["cell_gene_measured"]).sum())
@@ -333,11 +333,14 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
         n_pixels += pixels.numel()
         images.append(item["cell_image"])
         masks.append(item["cell_mask"])
+        if len(images) == 128 or i == len(rows) - 1:  # in chunks: crops of the base config are 224 px
+            measures.append(morphometry_measures(torch.stack(images), torch.stack(masks)).double())
+            images, masks = [], []
     mean = total / n_pixels
     std = max((total_sq / n_pixels - mean * mean) ** 0.5, 1e-3)
     cap = max(int(np.ceil(np.percentile(nonzero, TOKEN_CAP_PERCENTILE))), 1)
-    measures = morphometry_measures(torch.stack(images), torch.stack(masks)).double().numpy()
-    return DatasetStatistics(cap, float(mean), float(std), len(rows), measures.mean(axis=0), measures.std(axis=0))
+    per_cell = torch.cat(measures).numpy()
+    return DatasetStatistics(cap, float(mean), float(std), len(rows), per_cell.mean(axis=0), per_cell.std(axis=0))
 
 
 def set_morphometry_statistics(model, root: str | Path, *, seed: int = 0) -> bool:
