@@ -3,12 +3,11 @@
 The measures serve the cell level twice (neither is in the paper; docs/model.md gives the
 measurements behind both):
 
-- **an input** (`fusion.morphometry_residual`): `MorphometryInput` standardises them with the
-  training data's running statistics and adds `Linear(measures)` to z_cell, as the gene
-  residual adds the gene summary. A small ViT trained for a few thousand steps does not
-  discover the nuclear measures a CellProfiler-style feature vector holds (size, boundary
-  intensity, chromatin texture); given them, the image-only embedding carries them and the
-  network learns what to add.
+- **an input** (`fusion.morphometry_residual`): `MorphometryInput` standardises them with fixed
+  statistics of the training cells and adds `Linear(measures)` to z_cell, as the gene residual
+  adds the gene summary. A small ViT trained for a few thousand steps does not discover the
+  nuclear measures a CellProfiler-style feature vector holds (size, boundary intensity,
+  chromatin texture); given them, the image-only and unified embeddings carry them.
 - **an auxiliary target** for the cell image encoder (`loss.cell.morphometry`): a linear head
   on the mean of the encoder's tokens predicts the measures of the *whole* crop from the
   visible patches, as MaskFeat (Wei et al., CVPR 2022) predicts hand-made HOG features of
