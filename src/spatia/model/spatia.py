@@ -273,9 +273,10 @@ class SpatiaModel(nn.Module):
         summary = None
         if cfg.fusion.gene_residual:  # the profile token (validated: gene.profile_token), 0 without genes
             summary = gene_tokens[:, 0] * gene_valid[:, :1].to(gene_tokens.dtype)
+        # the crop's measures feed the morphometry input and/or are the morphometry target
+        morphometry_loss = compute_losses and self.morphometry_head is not None and use_image and "cell_mask" in batch
         measures = None
-        if use_image and (cfg.fusion.morphometry_residual or
-                          (compute_losses and self.morphometry_head is not None and "cell_mask" in batch)):
+        if use_image and (cfg.fusion.morphometry_residual or morphometry_loss):
             measures = self._cell_measures(batch)
         fused, z_cell = self.cell_fusion(cell["tokens"], gene_tokens, gene_valid, summary,
                                          measures if cfg.fusion.morphometry_residual else None)
@@ -331,7 +332,7 @@ class SpatiaModel(nn.Module):
                 rec.gene_mean, rec.gene_dispersion, rec.gene_measured = mean, theta, level_measured
                 rec.gene_counts = torch.where(level_measured, counts.float(), torch.zeros((), device=counts.device))
             out.reconstructions[level] = rec
-        if self.morphometry_head is not None and use_image and "cell_mask" in batch:
+        if morphometry_loss:
             # MaskFeat-style: the crop's hand-made measures from the visible patches' tokens
             target = standardise_over_batch(measures)
             pred = self.morphometry_head(cell["tokens"].mean(dim=1)).float()

@@ -296,7 +296,7 @@ STATISTICS_CELLS = 1000
 
 class DatasetStatistics(NamedTuple):
     """What `resolve_data_config` fills in (the gene-token cap and the cell-crop pixel stats), and
-    the standardisation of the morphometry input (`set_morphometry_statistics`)."""
+    the standardisation of the morphometry input (`MorphometryInput.set_statistics`)."""
 
     token_cap: int
     pixel_mean: float
@@ -343,26 +343,16 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
     return DatasetStatistics(cap, float(mean), float(std), len(rows), per_cell.mean(axis=0), per_cell.std(axis=0))
 
 
-def set_morphometry_statistics(model, root: str | Path, *, seed: int = 0) -> bool:
-    """Standardise `model`'s morphometry input (`fusion.morphometry_residual`) with the measures
-    of the train cells of the MIST dataset at `root`; False (nothing done) when it has none."""
-    morphometry = getattr(model.cell_fusion, "morphometry", None)
-    if morphometry is None:
-        return False
-    stats = dataset_statistics(root, seed=seed)
-    morphometry.set_statistics(stats.morphometry_mean, stats.morphometry_std)
-    return True
-
-
-def resolve_data_config(config, root: str | Path, *, seed: int = 0):
+def resolve_data_config(config, root: str | Path, *, seed: int = 0, stats: DatasetStatistics | None = None):
     """The config with its data-measured keys filled in (those left null): `gene.max_tokens`,
-    `image.pixel_mean` and `image.pixel_std` (see `dataset_statistics`). Unchanged when all are set."""
+    `image.pixel_mean` and `image.pixel_std` (see `dataset_statistics`; `stats`: already measured
+    on `root`). Unchanged when all are set."""
     import dataclasses
 
     image, gene = config.image, config.gene
     if gene.max_tokens is not None and image.pixel_mean is not None and image.pixel_std is not None:
         return config
-    stats = dataset_statistics(root, seed=seed)
+    stats = stats if stats is not None else dataset_statistics(root, seed=seed)
     log.info("from %d train cells of %s: gene-token cap %d (p%g of nonzero genes per cell), pixel mean %.4f, "
              "std %.4f", stats.n_cells, root, stats.token_cap, TOKEN_CAP_PERCENTILE, stats.pixel_mean, stats.pixel_std)
     image = dataclasses.replace(

@@ -315,7 +315,7 @@ def pretrain(
     Returns:
         `PretrainResult` with the checkpoints, the final global step and the last logged metrics.
     """
-    from spatia.train.data import MistDataModule, resolve_data_config, set_morphometry_statistics, split_has_cells
+    from spatia.train.data import MistDataModule, dataset_statistics, resolve_data_config, split_has_cells
 
     dataset = Path(dataset)
     out_dir = Path(out_dir)
@@ -342,6 +342,7 @@ def pretrain(
 
     # ---- config, stage and starting weights
     initial_state = None
+    measured = None  # a new model's train-cell statistics: measured once, for the config and the model
     resume_step = 0
     if resume is not None:
         checkpoint = read_checkpoint(resume)
@@ -375,7 +376,8 @@ def pretrain(
         stage_name, gene_source = stage or "joint", info
     else:
         base = config if isinstance(config, SpatiaConfig) else load_config(config or "tiny")
-        resolved = resolve_data_config(apply_train_overrides(base, train_overrides), dataset)
+        measured = dataset_statistics(dataset)
+        resolved = resolve_data_config(apply_train_overrides(base, train_overrides), dataset, stats=measured)
         stage_name, gene_source = stage or "joint", None
     stage_info = get_stage(stage_name)
     check_train_config(resolved)
@@ -395,8 +397,9 @@ def pretrain(
     module.checkpoint_extra = {"dataset": str(dataset.resolve())}
     if initial_state is not None:
         module.model.load_state_dict(initial_state)
-    elif resume is None:  # a new model: its morphometry input is standardised with this dataset's train cells
-        set_morphometry_statistics(module.model, dataset)
+    elif measured is not None and module.model.cell_fusion.morphometry is not None:
+        # a new model: its morphometry input is standardised with this dataset's train cells
+        module.model.cell_fusion.morphometry.set_statistics(measured.morphometry_mean, measured.morphometry_std)
     report = module.model.load_pretrained(image_weights=image_weights, gene_embeddings=gene_embeddings) \
         if (image_weights is not None or gene_embeddings is not None) else {}
     datamodule = MistDataModule(dataset, tissues_per_batch=train.tissues_per_batch,
