@@ -49,7 +49,7 @@ test stays valid, and whenever the error grows the solver returns to the best it
 and halves w - 1. `omega=1` is the textbook algorithm.
 
 Every tensor lives on `BlockCost(device=...)` ("cpu" by default; "cuda" runs the same code on
-a GPU). This module is over 500 lines because the cost, the solver and the plan summary share
+a GPU). This module is about 700 lines because the cost, the solver and the plan summary share
 the block layout and its cache states; splitting them would spread one invariant over files.
 """
 
