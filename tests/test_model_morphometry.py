@@ -92,11 +92,13 @@ def test_standardise_over_batch():
     assert torch.equal(z[:, 1], torch.zeros(2))                                    # constant -> 0
 
 
-def _model(morphometry: float = 0.0, gene_residual: bool = False, morphometry_residual: bool = False):
+def _model(morphometry: float = 0.0, gene_residual: bool = False, morphometry_residual: bool = False,
+           morphometry_weight: float | None = None):
     config = load_config("tiny")
     config = dataclasses.replace(
         config, fusion=dataclasses.replace(config.fusion, gene_residual=gene_residual,
-                                           morphometry_residual=morphometry_residual),
+                                           morphometry_residual=morphometry_residual,
+                                           morphometry_weight=morphometry_weight),
         loss=dataclasses.replace(config.loss, cell=dataclasses.replace(config.loss.cell, morphometry=morphometry)))
     torch.manual_seed(0)
     batch = synthetic_batch(config, BatchSizes(n_tissues=2, cells_per_tissue=16, n_genes=40), seed=0)
@@ -161,3 +163,20 @@ def test_morphometry_residual_carries_the_nucleus_into_image_embeddings_and_not_
     plain, _ = _model()
     assert torch.allclose(plain.embed(batch, modality="image", levels=("cell",)).z_cell,
                           plain.embed(other, modality="image", levels=("cell",)).z_cell)
+
+
+def test_morphometry_weight_scales_the_measures_term_of_z_cell():
+    full, batch = _model(morphometry_residual=True)                     # null weight: full (1)
+    assert full.cell_fusion.morphometry.weight == 1.0
+    measures = morphometry_measures(batch["cell_image"], batch["cell_mask"])
+    term = full.cell_fusion.morphometry(measures)
+    for weight in (0.25, 0.0):
+        model, _ = _model(morphometry_residual=True, morphometry_weight=weight)  # same seed: same weights
+        assert torch.allclose(model.cell_fusion.morphometry(measures), weight * term, atol=1e-6)
+        z_full = full.embed(batch, modality="both", levels=("cell",)).z_cell
+        z = model.embed(batch, modality="both", levels=("cell",)).z_cell
+        assert torch.allclose(z_full - z, (1 - weight) * term, atol=1e-5)  # only the term changes
+    off, _ = _model(morphometry_residual=True, morphometry_weight=0.0)
+    other = dict(batch, cell_mask=batch["cell_mask"].roll(1, dims=0))   # weight 0: the mask has no say
+    assert torch.allclose(off.embed(batch, modality="image", levels=("cell",)).z_cell,
+                          off.embed(other, modality="image", levels=("cell",)).z_cell)

@@ -141,6 +141,10 @@ def test_token_cap_and_pixel_statistics_come_from_the_train_cells(simulated_mist
     model, _ = load_model(simulated_checkpoint)  # pretrain wrote the measured values
     assert model.config.gene.max_tokens == resolved.gene.max_tokens
     assert model.config.image.pixel_mean == resolved.image.pixel_mean
+    assert tiny.fusion.morphometry_weight is None
+    assert resolved.fusion.morphometry_weight == round(dataset_statistics(simulated_mist).morphometry_weight(), 3)
+    assert model.config.fusion.morphometry_weight == resolved.fusion.morphometry_weight
+    assert model.cell_fusion.morphometry.weight == resolved.fusion.morphometry_weight
 
     # the morphometry input is standardised with the train cells' measures, saved with the weights
     measures = morphometry_measures(torch.stack([it["cell_image"] for it in items]),
@@ -177,3 +181,54 @@ def _copy_without_train(root, tmp_path):
     index["split"] = index["split"].replace(TRAIN, TEST)
     index.to_parquet(index_path)
     return copy
+
+
+def test_morphometry_r2_known_answers_and_the_weight_rule():
+    from spatia.train.data import (
+        MORPHOMETRY_FULL_WEIGHT_R2,
+        MORPHOMETRY_R2_MIN_CELLS,
+        DatasetStatistics,
+        morphometry_expression_r2,
+    )
+
+    rng = np.random.default_rng(0)
+    n, n_genes = 600, 60
+    size = rng.normal(size=n)                                   # one nuclear measure drives expression
+    rate = np.exp(3.0 + np.outer(size, rng.normal(size=n_genes)))  # little Poisson noise
+    counts = rng.poisson(rate)
+    measures = np.column_stack([size + 0.1 * rng.normal(size=n), rng.normal(size=(n, 5)), np.ones(n)])
+    informative = morphometry_expression_r2(measures, counts)
+    # the first component is linear in the measure, the second (library-size normalisation) is not
+    assert informative > 3 * MORPHOMETRY_FULL_WEIGHT_R2
+    noise = morphometry_expression_r2(rng.normal(size=measures.shape), counts)
+    assert 0.0 <= noise < 0.02                             # cross-validated: noise explains nothing
+    assert morphometry_expression_r2(np.ones((n, 3)), counts) == 0.0  # constant measures
+    assert morphometry_expression_r2(measures[:MORPHOMETRY_R2_MIN_CELLS - 1],
+                                     counts[:MORPHOMETRY_R2_MIN_CELLS - 1]) is None
+
+    def weight(r2):
+        return DatasetStatistics(1, 0.0, 1.0, n, np.zeros(3), np.ones(3), r2).morphometry_weight()
+
+    assert weight(None) == 1.0
+    assert weight(0.0) == 0.0
+    assert weight(MORPHOMETRY_FULL_WEIGHT_R2 / 4) == pytest.approx(0.25)
+    assert weight(3 * MORPHOMETRY_FULL_WEIGHT_R2) == 1.0
+
+
+def test_simulated_nuclei_explain_expression_and_shuffled_ones_do_not(simulated_mist):
+    """The simulator draws nuclei by cell type: their measures explain the expression of the
+    train cells well enough for full weight; shuffled across cells they explain nothing."""
+    from spatia.mist.datasets import CellDataset
+    from spatia.model.morphometry import morphometry_measures
+    from spatia.train.data import MORPHOMETRY_FULL_WEIGHT_R2, dataset_statistics, morphometry_expression_r2
+
+    stats = dataset_statistics(simulated_mist)
+    assert stats.morphometry_r2 > MORPHOMETRY_FULL_WEIGHT_R2 and stats.morphometry_weight() == 1.0
+    cells = CellDataset(simulated_mist, split="train")
+    items = [cells[i] for i in range(min(len(cells), 400))]
+    measures = morphometry_measures(torch.stack([it["cell_image"] for it in items]),
+                                    torch.stack([it["cell_mask"] for it in items])).double().numpy()
+    counts = np.stack([(it["cell_counts"] * it["cell_gene_measured"]).numpy() for it in items])
+    assert morphometry_expression_r2(measures, counts) > MORPHOMETRY_FULL_WEIGHT_R2
+    shuffled = measures[np.random.default_rng(0).permutation(len(items))]
+    assert morphometry_expression_r2(shuffled, counts) < 0.03

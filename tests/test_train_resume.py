@@ -236,3 +236,21 @@ def test_a_checkpoint_of_an_older_format_is_refused_with_the_fix(simulated_check
     with pytest.raises(InputDataError, match="format 1 was written before") as error:
         load_model(old)
     assert "pretrain again" in str(error.value)
+
+
+def test_a_checkpoint_from_before_the_measured_morphometry_weight_keeps_full_weight(dataset, tmp_path):
+    """Format-2 checkpoints written before `fusion.morphometry_weight` existed trained with the
+    measures at full weight: they load, embed and resume with weight 1, not a newly measured one."""
+    from spatia.train.module import CHECKPOINT_KEY
+
+    out = tmp_path / "run"
+    _run(dataset, out, train_overrides=dict(FAST, max_steps=2))
+    last = out / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint[CHECKPOINT_KEY]["config"]["fusion"].pop("morphometry_weight") is not None
+    torch.save(checkpoint, last)
+    model, info = load_model(last)
+    assert info.config.fusion.morphometry_weight == 1.0 and model.cell_fusion.morphometry.weight == 1.0
+    result = _run(dataset, out, resume=last, train_overrides={"max_steps": 3})  # no "cannot change" refusal
+    assert result.global_step == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["fusion"]["morphometry_weight"] == 1.0

@@ -85,6 +85,10 @@ class FusionConfig:
                                     # reaches z_cell without passing through the image queries
     morphometry_residual: bool = True  # z_cell += W * (the crop's standardised morphometry measures)
                                     # when images are used: nuclear measures a small ViT misses
+    # the measures' weight in that sum; null: min(1, R2 / 0.1), R2 the share of the train cells'
+    # expression variance the measures explain, measured when pretraining starts
+    # (`spatia.train.data.dataset_statistics`): near 0 where the DAPI cannot tell cells apart
+    morphometry_weight: float | None = None
 
 
 @dataclass
@@ -337,6 +341,10 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
     ratio("gene.withhold_ratio", config.gene.withhold_ratio)
     positive("gene.target_sum", config.gene.target_sum)
     positive("gene.max_value", config.gene.max_value)
+    weight = config.fusion.morphometry_weight
+    if weight is not None and not 0.0 <= weight <= 1.0:
+        fail("fusion.morphometry_weight", f"must lie in [0, 1], not {weight}",
+             "set it to null (measured from the data), or between 0 (measures off) and 1")
     if config.fusion.gene_residual and not config.gene.profile_token:
         fail("fusion.gene_residual", "needs gene.profile_token (the residual is that token)",
              "set gene.profile_token: true, or fusion.gene_residual: false")

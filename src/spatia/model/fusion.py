@@ -37,7 +37,8 @@ class CellFusion(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.gene_summary = nn.Linear(gene_dim, cfg.dim) if cfg.gene_residual else None
-        self.morphometry = (MorphometryInput(n_morphometry_features(image_channels), cfg.dim)
+        weight = 1.0 if cfg.morphometry_weight is None else cfg.morphometry_weight
+        self.morphometry = (MorphometryInput(n_morphometry_features(image_channels), cfg.dim, weight)
                             if cfg.morphometry_residual else None)
 
     def reset_parameters(self) -> None:

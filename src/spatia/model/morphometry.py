@@ -7,7 +7,10 @@ measurements behind both):
   statistics of the training cells and adds `Linear(measures)` to z_cell, as the gene residual
   adds the gene summary. A small ViT trained for a few thousand steps does not discover the
   nuclear measures a CellProfiler-style feature vector holds (size, boundary intensity,
-  chromatin texture); given them, the image-only and unified embeddings carry them.
+  chromatin texture); given them, the image-only and unified embeddings carry them. The term
+  is scaled by `fusion.morphometry_weight`, which `spatia pretrain` measures from how much of
+  the train cells' expression the measures explain (`spatia.train.data`): near 0 where the
+  DAPI cannot tell the cells apart, so the measures do not drown their expression there.
 - **an auxiliary target** for the cell image encoder (`loss.cell.morphometry`): a linear head
   on the mean of the encoder's tokens predicts the measures of the *whole* crop from the
   visible patches, as MaskFeat (Wei et al., CVPR 2022) predicts hand-made HOG features of
@@ -114,7 +117,7 @@ def standardise_over_batch(targets: torch.Tensor, eps: float = 1e-4) -> torch.Te
 
 class MorphometryInput(nn.Module):
     """forward(measures (B, F)) -> (B, D): `Linear` of the measures standardised with fixed
-    dataset statistics.
+    dataset statistics, times `weight` (`fusion.morphometry_weight`; 1 when not set).
 
     The statistics are buffers (saved with the weights): `spatia pretrain` sets them from the
     training cells (`set_statistics`, measured by `spatia.train.data.dataset_statistics`), so
@@ -123,10 +126,11 @@ class MorphometryInput(nn.Module):
     own mean would remove the regional differences in morphology that the embedding should keep.
     """
 
-    def __init__(self, n_features: int, dim: int):
+    def __init__(self, n_features: int, dim: int, weight: float = 1.0):
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
+        self.weight = float(weight)  # from the config, which the checkpoint holds
         self.proj = nn.Linear(n_features, dim)
 
     @torch.no_grad()
@@ -142,4 +146,4 @@ class MorphometryInput(nn.Module):
         self.std.copy_(torch.where(std < 1e-6, torch.ones_like(std), std))
 
     def forward(self, measures: torch.Tensor) -> torch.Tensor:
-        return self.proj((measures.float() - self.mean) / self.std)
+        return self.proj((measures.float() - self.mean) / self.std) * self.weight

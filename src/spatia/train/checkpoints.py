@@ -87,6 +87,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def checkpoint_info(checkpoint: dict[str, Any], path: str | Path) -> CheckpointInfo:
     meta = checkpoint[CHECKPOINT_KEY]
     config = config_from_dict(meta["config"], source=str(path))
+    if config.fusion.morphometry_weight is None:
+        # written before the weight was measured per dataset: the measures entered at full weight
+        config = dataclasses.replace(config, fusion=dataclasses.replace(config.fusion, morphometry_weight=1.0))
     return CheckpointInfo(
         path=Path(path),
         config=config,

@@ -293,6 +293,19 @@ TOKEN_CAP_PERCENTILE = 99.0
 STATISTICS_CELLS = 1000
 """Train cells read (a seeded random sample) to measure the statistics."""
 
+MORPHOMETRY_FULL_WEIGHT_R2 = 0.10
+"""`fusion.morphometry_weight` from the data = min(1, R2 / this), R2 the share of the train cells'
+expression variance that their morphometry measures explain (`morphometry_expression_r2`).
+Measured (docs/model.md): R2 0.14-0.17 on the simulator and the breast section (real DAPI),
+where the measures raise domain and image-only scores; 0.008 on bone-marrow region1 (8-bit-derived
+DAPI), where at full weight they cut the Leiden ARI of z_cell from 0.19 to 0.12."""
+
+MORPHOMETRY_R2_MIN_CELLS = 50
+"""Fewer train cells than this: R2 is not measured and the measures keep full weight."""
+
+MORPHOMETRY_R2_COMPONENTS = 20
+"""Principal components of the log-normalised expression that the measures are asked to explain."""
+
 
 class DatasetStatistics(NamedTuple):
     """What `resolve_data_config` fills in (the gene-token cap and the cell-crop pixel stats), and
@@ -304,13 +317,57 @@ class DatasetStatistics(NamedTuple):
     n_cells: int
     morphometry_mean: np.ndarray      # (F,) float64, `morphometry_measures` of the cell crops
     morphometry_std: np.ndarray
+    morphometry_r2: float | None      # `morphometry_expression_r2` (None: too few cells)
+
+    def morphometry_weight(self) -> float:
+        """`fusion.morphometry_weight` from the data: min(1, R2 / `MORPHOMETRY_FULL_WEIGHT_R2`);
+        1 when R2 was not measured."""
+        if self.morphometry_r2 is None:
+            return 1.0
+        return float(min(1.0, max(self.morphometry_r2, 0.0) / MORPHOMETRY_FULL_WEIGHT_R2))
+
+
+def morphometry_expression_r2(measures: np.ndarray, counts: np.ndarray, *, seed: int = 0) -> float | None:
+    """How much of the cells' expression their morphometry measures explain: the cross-validated
+    (5-fold) R2 of a ridge regression from the standardised measures (N, F) to the top
+    `MORPHOMETRY_R2_COMPONENTS` principal components of the standardised log-normalised counts
+    (N, G; measured genes only), pooled over components (so weighted by their variance), clipped
+    at 0. None for fewer than `MORPHOMETRY_R2_MIN_CELLS` cells.
+
+    A label-free gauge of whether the image carries the cells' identity: high where nuclei differ
+    between cell types, near 0 where the DAPI is too coarse to tell them apart."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    n = measures.shape[0]
+    if n < MORPHOMETRY_R2_MIN_CELLS:
+        return None
+    counts = np.asarray(counts, dtype=np.float64)
+    library = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    expression = np.log1p(counts / library * 1e4)
+
+    def standardised(x: np.ndarray) -> np.ndarray:
+        x = x[:, x.std(axis=0) > 1e-8]
+        return (x - x.mean(axis=0)) / x.std(axis=0)
+
+    expression, measures = standardised(expression), standardised(np.asarray(measures, dtype=np.float64))
+    if expression.shape[1] == 0 or measures.shape[1] == 0:
+        return 0.0
+    k = min(MORPHOMETRY_R2_COMPONENTS, expression.shape[1], n - 1)
+    components = PCA(k, random_state=seed).fit_transform(expression)
+    predicted = cross_val_predict(RidgeCV(alphas=np.logspace(-2, 3, 12)), measures, components,
+                                  cv=KFold(5, shuffle=True, random_state=seed))
+    residual = float(((components - predicted) ** 2).sum())
+    return max(0.0, 1.0 - residual / float((components ** 2).sum()))
 
 
 def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, seed: int = 0) -> DatasetStatistics:
     """Measure, on a seeded sample of up to `n_cells` train cells of a MIST dataset: the
     `TOKEN_CAP_PERCENTILE` percentile of nonzero measured genes per cell (rounded up, at least
     1), the mean and standard deviation of the cell-crop pixels (in [0, 1], every pixel) and of
-    each morphometry measure of the cell crops (`spatia.model.morphometry`)."""
+    each morphometry measure of the cell crops (`spatia.model.morphometry`), and how much of the
+    expression those measures explain (`morphometry_expression_r2`)."""
     from spatia.mist.datasets import CellDataset
     from spatia.model.morphometry import morphometry_measures
 
@@ -324,9 +381,11 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
     total = total_sq = 0.0
     n_pixels = 0
     images, masks, measures = [], [], []
+    measured_counts = []
     for i, row in enumerate(rows):
         item = cells[int(row)]
         nonzero[i] = float(((item["cell_counts"] > 0) & item["cell_gene_measured"]).sum())
+        measured_counts.append(item["cell_counts"].double().numpy() * item["cell_gene_measured"].numpy())
         pixels = item["cell_image"].double()
         total += float(pixels.sum())
         total_sq += float((pixels * pixels).sum())
@@ -340,23 +399,30 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
     std = max((total_sq / n_pixels - mean * mean) ** 0.5, 1e-3)
     cap = max(int(np.ceil(np.percentile(nonzero, TOKEN_CAP_PERCENTILE))), 1)
     per_cell = torch.cat(measures).numpy()
-    return DatasetStatistics(cap, float(mean), float(std), len(rows), per_cell.mean(axis=0), per_cell.std(axis=0))
+    r2 = morphometry_expression_r2(per_cell, np.stack(measured_counts), seed=seed)
+    return DatasetStatistics(cap, float(mean), float(std), len(rows), per_cell.mean(axis=0), per_cell.std(axis=0), r2)
 
 
 def resolve_data_config(config, root: str | Path, *, seed: int = 0, stats: DatasetStatistics | None = None):
     """The config with its data-measured keys filled in (those left null): `gene.max_tokens`,
-    `image.pixel_mean` and `image.pixel_std` (see `dataset_statistics`; `stats`: already measured
-    on `root`). Unchanged when all are set."""
+    `image.pixel_mean`, `image.pixel_std` and `fusion.morphometry_weight` (see
+    `dataset_statistics`; `stats`: already measured on `root`). Unchanged when all are set."""
     import dataclasses
 
-    image, gene = config.image, config.gene
-    if gene.max_tokens is not None and image.pixel_mean is not None and image.pixel_std is not None:
+    image, gene, fusion = config.image, config.gene, config.fusion
+    if (gene.max_tokens is not None and image.pixel_mean is not None and image.pixel_std is not None
+            and fusion.morphometry_weight is not None):
         return config
     stats = stats if stats is not None else dataset_statistics(root, seed=seed)
     log.info("from %d train cells of %s: gene-token cap %d (p%g of nonzero genes per cell), pixel mean %.4f, "
              "std %.4f", stats.n_cells, root, stats.token_cap, TOKEN_CAP_PERCENTILE, stats.pixel_mean, stats.pixel_std)
+    if fusion.morphometry_weight is None:
+        r2 = "not measured (too few cells)" if stats.morphometry_r2 is None else f"{stats.morphometry_r2:.3f}"
+        log.info("morphometry measures explain R2 %s of the expression: fusion.morphometry_weight %.3f", r2,
+                 stats.morphometry_weight())
+        fusion = dataclasses.replace(fusion, morphometry_weight=round(stats.morphometry_weight(), 3))
     image = dataclasses.replace(
         image, pixel_mean=round(stats.pixel_mean, 6) if image.pixel_mean is None else image.pixel_mean,
         pixel_std=round(stats.pixel_std, 6) if image.pixel_std is None else image.pixel_std)
     gene = dataclasses.replace(gene, max_tokens=stats.token_cap if gene.max_tokens is None else gene.max_tokens)
-    return dataclasses.replace(config, image=image, gene=gene)
+    return dataclasses.replace(config, image=image, gene=gene, fusion=fusion)
