@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from spatia.errors import ConfigError
 from spatia.evaluate import EvaluateConfig, evaluate
 from spatia.evaluate.autoencoder import CountAutoencoder, fit_count_autoencoder
 from spatia.model.decoders import nb_log_prob as negative_binomial_log_prob
@@ -93,3 +94,65 @@ def test_scvi_latent_separates_types():
     types = adata.obs["cell_type"].to_numpy()
     model = LogisticRegression(max_iter=2000).fit(fit.embedding[:400], types[:400])
     assert model.score(fit.embedding[400:], types[400:]) > 0.8
+
+
+def _with_other_cells_changed(counts: np.ndarray, fit_rows: np.ndarray, seed: int = 9) -> np.ndarray:
+    """The same counts for the fitted cells, new ones (another depth) for the rest."""
+    changed = np.array(counts, dtype=np.float32, copy=True)
+    changed[~fit_rows] = np.random.default_rng(seed).poisson(3 * changed[~fit_rows] + 1)
+    return changed
+
+
+def test_pca_fit_on_train_rows_projects_every_cell_on_their_components():
+    from sklearn.decomposition import PCA
+
+    from spatia.expression import expression_pca, log_normalise
+
+    adata, _ = synthetic_evaluation_data(400, n_genes=30, n_types=3, seed=7)
+    log_expr = np.asarray(log_normalise(np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X)))
+    fit_rows = np.arange(400) % 3 != 0
+    ours = expression_pca(log_expr, 10, fit_rows=fit_rows)
+    reference = PCA(10, svd_solver="covariance_eigh").fit(log_expr[fit_rows]).transform(log_expr)
+    assert ours.shape == (400, 10)
+    assert np.allclose(np.abs(ours), np.abs(reference), atol=1e-4)  # up to each component's sign
+    assert not np.allclose(np.abs(ours), np.abs(expression_pca(log_expr, 10)), atol=1e-3)  # not fit on all
+
+
+def test_autoencoder_fit_on_train_rows_never_sees_the_other_cells():
+    adata, _ = synthetic_evaluation_data(300, n_genes=30, n_types=3, seed=8)
+    counts = np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X, dtype=np.float32)
+    fit_rows = np.arange(300) < 200
+    kwargs = dict(epochs=3, hidden=16, latent=4, seed=0, fit_rows=fit_rows)
+    fit = fit_count_autoencoder(counts, **kwargs)
+    other = fit_count_autoencoder(_with_other_cells_changed(counts, fit_rows), **kwargs)
+    assert fit.embedding.shape == (300, 4)                      # every cell is embedded
+    assert np.array_equal(fit.embedding[fit_rows], other.embedding[fit_rows])  # training saw only these
+    assert not np.allclose(fit.embedding[~fit_rows], other.embedding[~fit_rows])
+    whole = fit_count_autoencoder(counts, epochs=3, hidden=16, latent=4, seed=0)
+    assert not np.allclose(whole.embedding[fit_rows], fit.embedding[fit_rows])
+
+
+@pytest.mark.skipif(not scvi_available()[0], reason="scvi-tools is not installed (optional extra spatia[scvi])")
+def test_scvi_fit_on_train_rows_never_sees_the_other_cells():
+    adata, _ = synthetic_evaluation_data(300, n_genes=30, n_types=3, seed=8)
+    counts = np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X, dtype=np.float32)
+    fit_rows = np.arange(300) < 200
+    fit = scvi_latent(counts, n_latent=4, epochs=3, seed=0, fit_rows=fit_rows)
+    other = scvi_latent(_with_other_cells_changed(counts, fit_rows), n_latent=4, epochs=3, seed=0, fit_rows=fit_rows)
+    assert fit.embedding.shape == (300, 4)
+    assert np.allclose(fit.embedding[fit_rows], other.embedding[fit_rows], atol=1e-5)
+
+
+def test_evaluation_fits_baselines_on_the_train_split_by_default():
+    adata, _ = synthetic_evaluation_data(500, n_genes=40, n_types=3, seed=4)
+    adata.obs["split"] = np.where(np.arange(500) < 300, "train", np.where(np.arange(500) < 350, "buffer", "test"))
+    common = dict(labels="cell_type", split="split", baselines=("pca", "autoencoder"), autoencoder_epochs=3,
+                  autoencoder_latent=8, **FAST)
+    results = evaluate(adata, EvaluateConfig(**common))
+    assert results["config"]["baseline_fit"] == "train"
+    for key in ("pca", "autoencoder"):
+        assert "fit on the 300 train cells" in results["embeddings"][key]["source"]
+    everything = evaluate(adata, EvaluateConfig(**common, baseline_fit="all"))
+    assert "fit on all 500 cells" in everything["embeddings"]["autoencoder"]["source"]
+    with pytest.raises(ConfigError, match="baseline_fit"):
+        EvaluateConfig(labels="cell_type", baseline_fit="test")

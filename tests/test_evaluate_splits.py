@@ -78,3 +78,29 @@ def test_split_column_values():
         split_from_column(np.array(["train", "holdout"]), column="s")
     with pytest.raises(InputDataError, match="needs both train and test"):
         split_from_column(np.array(["train", "train"]), column="s")
+
+
+def test_evaluation_defaults_to_the_split_spatia_embed_wrote():
+    """An output of `spatia embed` (obs "split" beside uns["spatia"]) is scored on the split its
+    model trained on; any other AnnData, or one whose column holds no train cells, gets blocks."""
+    import anndata as ad
+
+    from spatia.evaluate import EvaluateConfig
+    from spatia.evaluate.inputs import make_split
+
+    xy = _cells(600)
+    stored = np.where(xy[:, 0] < 500, "train", np.where(xy[:, 0] < 600, "val", "test"))
+    adata = ad.AnnData(np.zeros((600, 2), dtype=np.float32), obsm={"spatial": xy})
+    adata.obs["split"] = stored
+    config = EvaluateConfig(labels="x")
+    split, summary = make_split(adata, config)                    # no uns["spatia"]: not spatia's
+    assert summary["source"] == "spatial_blocks"
+    adata.uns["spatia"] = {"stage": "joint"}
+    split, summary = make_split(adata, config)
+    assert summary["source"] == "column:split"
+    assert np.array_equal(split, np.where(stored == "val", "buffer", stored))  # val cells are not scored
+    adata.obs["split"] = "test"                                    # e.g. `spatia embed --splits test`
+    assert make_split(adata, config)[1]["source"] == "spatial_blocks"
+    other = EvaluateConfig(labels="x", split="fold")
+    adata.obs["fold"] = np.where(xy[:, 1] < 500, "train", "test")
+    assert make_split(adata, other)[1]["source"] == "column:fold"  # a column named wins

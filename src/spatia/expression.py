@@ -73,16 +73,20 @@ def log_normalise(counts: sp.spmatrix | np.ndarray, target_sum: float | None = N
     return np.log1p(out, out=out)
 
 
-def expression_pca(matrix: sp.spmatrix | np.ndarray, n_components: int = 50, seed: int = 0) -> np.ndarray:
+def expression_pca(matrix: sp.spmatrix | np.ndarray, n_components: int = 50, seed: int = 0,
+                   fit_rows: np.ndarray | None = None) -> np.ndarray:
     """Top principal components of `matrix` (cells x genes, usually log-normalised), genes centred.
 
-    Returns float32 (N, k), k = min(n_components, genes, cells - 1). Deterministic: the covariance
-    eigendecomposition up to COVARIANCE_EIGH_MAX_GENES genes, ARPACK started from `seed` above;
-    component signs follow scikit-learn's `svd_flip`.
+    Returns float32 (N, k), k = min(n_components, genes, fitted cells - 1): the components (and
+    the centring) are fit on the rows where `fit_rows` (bool (N,)) is true (None: every row), and
+    every row is projected on them. Deterministic: the covariance eigendecomposition up to
+    COVARIANCE_EIGH_MAX_GENES genes, ARPACK started from `seed` above; component signs follow
+    scikit-learn's `svd_flip`.
     """
     from sklearn.decomposition import PCA
 
-    n_cells, n_genes = matrix.shape
+    fit = matrix if fit_rows is None else matrix[np.flatnonzero(fit_rows)]
+    n_cells, n_genes = fit.shape
     k = int(min(n_components, n_genes, n_cells - 1))
     if k < 1:
         raise InputDataError(f"cannot compute principal components of a {n_cells} x {n_genes} expression matrix",
@@ -91,4 +95,6 @@ def expression_pca(matrix: sp.spmatrix | np.ndarray, n_components: int = 50, see
     if solver == "arpack":
         k = min(k, n_genes - 1, n_cells - 1)
     pca = PCA(n_components=k, svd_solver=solver, random_state=seed)
-    return np.asarray(pca.fit_transform(matrix), dtype=np.float32)
+    if fit_rows is None:
+        return np.asarray(pca.fit_transform(matrix), dtype=np.float32)
+    return np.asarray(pca.fit(fit).transform(matrix), dtype=np.float32)

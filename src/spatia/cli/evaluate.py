@@ -18,7 +18,7 @@ def evaluate_command(
     labels: Annotated[list[str], typer.Option("--labels", "-l", help="obs column with cell labels (repeatable: "
                                               "e.g. cell type, state and domain scored in one run).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report directory to create (must not exist).")],
-    split: Annotated[str | None, typer.Option("--split", help="obs column with train/test(/buffer); default: spatial blocks.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="obs column with train/test(/buffer); default: the split a spatia embed output carries (the model's own), else spatial blocks.")] = None,
     slide: Annotated[str | None, typer.Option("--slide", help="obs column naming each cell's slide (blocks never span slides); default: one slide.")] = None,
     mist: Annotated[Path | None, typer.Option("--mist", help="MIST dataset directory: its cell crops feed the morphology baseline (and the imputer, with --checkpoint).")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="`spatia pretrain` checkpoint: impute held-out genes with its gene decoder (needs --mist).")] = None,
@@ -32,6 +32,7 @@ def evaluate_command(
     max_cells: Annotated[int | None, typer.Option("--max-cells", help="Evaluate a seeded random subset of this many cells (default: all).")] = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="YAML file of EvaluateConfig settings; options given here win.")] = None,
     layout: Annotated[str, typer.Option("--layout", help="2-D layout figure: umap, pca (fast) or none.")] = "umap",
+    baseline_fit: Annotated[str, typer.Option("--baseline-fit", help="Cells PCA, the count autoencoder and scVI are fit on: train (the split's train cells, as SPATIA trains) or all (transductive).")] = "train",
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="Threads for XGBoost/BLAS.")] = 1,
     seed: SeedOption = 0,
     quiet: QuietOption = False,
@@ -49,7 +50,8 @@ def evaluate_command(
     config = load_config(EvaluateConfig, {"labels": tuple(labels)}, config_file, overrides={
         "labels": tuple(labels), "split": split, "slide": slide, "max_cells": max_cells,
         "embeddings": tuple(embedding) if embedding else None, "tasks": tuple(task) if task else None,
-        **given_on_command_line(ctx, {"n_seeds": n_seeds, "layout": layout, "n_jobs": n_jobs, "seed": seed})})
+        **given_on_command_line(ctx, {"n_seeds": n_seeds, "layout": layout, "n_jobs": n_jobs, "seed": seed,
+                                      "baseline_fit": baseline_fit})})
     result = stages.evaluate(cells, out, config, inputs)
     print_summary(result.summary(), quiet=quiet)
     console.print(f"evaluation report written to {out} (metrics.json, report.md, report.html)", highlight=False)

@@ -10,8 +10,9 @@ A reference point any SPATIA embedding should beat on expression-derived labels 
 - loss: the negative-binomial negative log-likelihood of the raw counts, summed over genes and
   averaged over cells; Adam, seeded initialisation and shuffling, CPU.
 
-The embedding is the encoder's output without dropout. The baseline is unsupervised and fitted
-on all evaluated cells, as the PCA baseline is.
+The embedding is the encoder's output without dropout. The baseline is unsupervised; `spatia
+evaluate` fits it, as the PCA baseline, on the split's train cells (`fit_rows`, the cells the
+SPATIA model trained on) or on every cell (`EvaluateConfig.baseline_fit`), and embeds every cell.
 """
 
 from __future__ import annotations
@@ -62,19 +63,25 @@ class AutoencoderFit:
 
 def fit_count_autoencoder(counts: sp.spmatrix | np.ndarray, *, epochs: int = 40, hidden: int = 256, latent: int = 64,
                           input_dropout: float = 0.25, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-                          n_threads: int = 1) -> AutoencoderFit:
+                          n_threads: int = 1, fit_rows: np.ndarray | None = None) -> AutoencoderFit:
     """Train the count autoencoder on raw `counts` (N, G) and embed every cell.
+
+    `fit_rows` (bool (N,)): train on these cells only (None: every cell); all N are embedded.
 
     Deterministic for a given seed and thread count (seeded initialisation, dropout and order;
     the global torch RNG state is restored afterwards).
     """
     counts = sp.csr_matrix(counts, dtype=np.float32)
-    n_cells, n_genes = counts.shape
+    fit = np.arange(counts.shape[0]) if fit_rows is None else np.flatnonzero(fit_rows)
+    n_cells, n_genes = len(fit), counts.shape[1]
     if n_cells < 2 or n_genes < 2:
         raise InputDataError(f"cannot train the count autoencoder on a {n_cells} x {n_genes} matrix",
                              fix="give at least two cells with at least two genes")
-    log_expr = sp.csr_matrix(log_normalise(counts))
-    library = torch.from_numpy(library_sizes(counts).astype(np.float32))
+    totals = library_sizes(counts)
+    fitted_totals = totals[fit][totals[fit] > 0]  # the normalisation, too, comes from the fitted cells
+    log_expr = sp.csr_matrix(log_normalise(counts, target_sum=float(np.median(fitted_totals))
+                                           if fitted_totals.size else 1.0))
+    library = torch.from_numpy(totals.astype(np.float32))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, n_threads))
     t0 = time.perf_counter()
@@ -87,7 +94,7 @@ def fit_count_autoencoder(counts: sp.spmatrix | np.ndarray, *, epochs: int = 40,
             losses = []
             model.train()
             for _ in range(epochs):
-                order = torch.randperm(n_cells, generator=order_rng).numpy()
+                order = fit[torch.randperm(n_cells, generator=order_rng).numpy()]
                 total, seen = 0.0, 0
                 for start in range(0, n_cells, batch_size):
                     rows = order[start:start + batch_size]
@@ -105,7 +112,7 @@ def fit_count_autoencoder(counts: sp.spmatrix | np.ndarray, *, epochs: int = 40,
             model.eval()
             parts = []
             with torch.no_grad():
-                for start in range(0, n_cells, 4096):
+                for start in range(0, counts.shape[0], 4096):
                     xl = torch.from_numpy(log_expr[start:start + 4096].toarray())
                     parts.append(model.encoder(xl).numpy())
     finally:

@@ -15,6 +15,7 @@ from spatia.keys import SPLIT_BUFFER_UM
 TASKS = ("annotation", "clustering", "expression", "imputation", "patch_expression")
 LAYOUTS = ("umap", "pca", "none")
 BASELINES = ("pca", "autoencoder", "scvi")
+BASELINE_FITS = ("train", "all")
 LEVEL_NAMES = ("cell", "niche", "tissue")
 
 
@@ -26,7 +27,9 @@ class EvaluateConfig:
         labels: obs column(s) with cell labels (cell types, clusters, states, domains). A
             string or a list; annotation and clustering are scored against each column, the
             first is the primary one (``results["tasks"]``), all are in ``results["by_label"]``.
-        split: obs column with train/test(/buffer) values; None makes a spatial block split.
+        split: obs column with train/test(/buffer) values; None: the split a `spatia embed`
+            output carries (obs "split" beside uns["spatia"], the one its model trained on),
+            else a spatial block split.
         slide: obs column naming each cell's slide/section (blocks never span slides).
         embeddings: obsm keys to score; None takes every ``X_spatia*`` key present.
         level_concatenations: level combinations scored as one representation: "cell+niche"
@@ -37,6 +40,12 @@ class EvaluateConfig:
         baselines: baseline representations: "pca" (PCA of log-normalised counts),
             "autoencoder" (the count autoencoder, `spatia.evaluate.autoencoder`), "scvi"
             (scVI's latent; skipped with a reason when scvi-tools is not installed).
+        baseline_fit: the cells the learned baselines (PCA, autoencoder, scVI) are fit on.
+            "train" (default): the split's train cells, then every cell is transformed, as
+            `spatia pretrain` trains on the MIST dataset's train split only (give that split
+            with `split`, as `spatia embed` writes it, for a like-for-like comparison). "all":
+            every cell, test cells included (transductive; a baseline then has seen up to twice
+            the cells the SPATIA model has, docs/results.md).
         seed: split seed and first model seed; models run with seeds seed .. seed+n_seeds-1.
         n_seeds: number of seeds for the stochastic models (MLP, Leiden, KMeans, masks).
         tasks: which tasks to run.
@@ -79,6 +88,7 @@ class EvaluateConfig:
     embeddings: tuple[str, ...] | None = None
     level_concatenations: tuple[str, ...] = ("cell+niche", "cell+niche+tissue")
     baselines: tuple[str, ...] = BASELINES
+    baseline_fit: str = "train"
     seed: int = 0
     n_seeds: int = 3
     tasks: tuple[str, ...] = TASKS
@@ -147,6 +157,9 @@ class EvaluateConfig:
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise ConfigError(f"'baselines': unknown baseline(s) {unknown}", fix=f"choose from {list(BASELINES)}")
+        if self.baseline_fit not in BASELINE_FITS:
+            raise ConfigError(f"'baseline_fit' must be one of {list(BASELINE_FITS)}; got {self.baseline_fit!r}",
+                              fix="use 'train' (fit on the train split's cells, as SPATIA is) or 'all'")
         for combo in self.level_concatenations:
             parts = combo.split("+")
             if len(parts) < 2 or any(p not in LEVEL_NAMES for p in parts) or len(set(parts)) != len(parts):

@@ -31,6 +31,7 @@ from spatia.keys import (
     EMBEDDING_LABELS,
     SPATIAL_KEY,
     SPLIT_BUFFER_UM,
+    TRAIN,
     X_SPATIA,
     X_SPATIA_CELL,
     X_SPATIA_GENE,
@@ -90,8 +91,25 @@ def read_labels(adata, column: str) -> np.ndarray:
     return labels
 
 
+EMBED_SPLIT_COLUMN = "split"
+"""obs column of `spatia embed` outputs: the MIST dataset's split, the one the model trained on."""
+
+
 def make_split(adata, config: EvaluateConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """train/test/buffer per cell (from config.split, else spatial blocks) and its summary."""
+    """train/test/buffer per cell and its summary: from `config.split`; when it is None, from the
+    split `spatia embed` wrote (obs "split" beside `uns["spatia"]`: the cells the model trained on
+    are the train cells, so every representation is scored on cells none has learned from);
+    else spatial blocks."""
+    split_column = config.split
+    if split_column is None and EMBED_SPLIT_COLUMN in adata.obs.columns and "spatia" in adata.uns:
+        try:  # refuses a column without train or without test cells
+            split_from_column(adata.obs[EMBED_SPLIT_COLUMN].to_numpy(), column=EMBED_SPLIT_COLUMN)
+            split_column = EMBED_SPLIT_COLUMN
+            log.info("split: the dataset's own (obs %r, written by spatia embed), the one the model trained on",
+                     EMBED_SPLIT_COLUMN)
+        except InputDataError as error:
+            log.info("obs %r (written by spatia embed) is no usable split (%s): a spatial block split instead",
+                     EMBED_SPLIT_COLUMN, error)
     slide = None
     if config.slide is not None:
         if config.slide not in adata.obs.columns:
@@ -99,17 +117,17 @@ def make_split(adata, config: EvaluateConfig) -> tuple[np.ndarray, dict[str, Any
                                  fix="name an existing obs column with --slide, or omit it")
         slide = adata.obs[config.slide].astype(str).to_numpy()
     spatial = adata.obsm[SPATIAL_KEY] if SPATIAL_KEY in adata.obsm else None
-    if config.split is not None:
-        if config.split not in adata.obs.columns:
-            raise InputDataError(f"the AnnData has no obs column {config.split!r} for the split",
+    if split_column is not None:
+        if split_column not in adata.obs.columns:
+            raise InputDataError(f"the AnnData has no obs column {split_column!r} for the split",
                                  fix="name an existing obs column with --split, or omit it for a spatial block split")
-        split = split_from_column(adata.obs[config.split].to_numpy(), column=config.split)
-        summary = summarise_split(split, source=f"column:{config.split}", spatial_um=spatial, slide=slide)
+        split = split_from_column(adata.obs[split_column].to_numpy(), column=split_column)
+        summary = summarise_split(split, source=f"column:{split_column}", spatial_um=spatial, slide=slide)
         gap = summary.min_train_test_distance_um
         if gap is not None and gap < SPLIT_BUFFER_UM:
             log.warning("split column %r puts a train cell %.1f um from a test cell, closer than a niche "
                            "(%.0f um): niche and tissue embeddings of test cells then share context with training "
-                           "cells; rebuild with --split-buffer-um %.0f or leave --split out", config.split, gap,
+                           "cells; rebuild with --split-buffer-um %.0f or leave --split out", split_column, gap,
                            SPLIT_BUFFER_UM, SPLIT_BUFFER_UM)
     else:
         if spatial is None:
@@ -157,8 +175,10 @@ def _ablation_sorted(keys: list[str]) -> list[str]:
 
 
 def build_representations(adata, config: EvaluateConfig, counts: sp.csr_matrix, log_expr: sp.csr_matrix,
-                          crops: CellCrops | None) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
-    """SPATIA embeddings from obsm, level concatenations, and the baselines.
+                          crops: CellCrops | None, split: np.ndarray
+                          ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """SPATIA embeddings from obsm, level concatenations, and the baselines (PCA, autoencoder
+    and scVI fit on the `split`'s train cells or on every cell: `config.baseline_fit`).
 
     Returns (representations, meta): meta[key] = {"source", "dim", "name"} for every
     representation, plus entries with dim 0 and source "skipped: <reason>" for baselines that
@@ -182,19 +202,22 @@ def build_representations(adata, config: EvaluateConfig, counts: sp.csr_matrix, 
     order = _ablation_sorted(list(reps))
     reps, meta = {k: reps[k] for k in order}, {k: meta[k] for k in order}
 
+    fit_rows = (split == TRAIN) if config.baseline_fit == "train" else None
+    fitted_on = (f"fit on the {int(fit_rows.sum())} train cells" if fit_rows is not None
+                 else f"fit on all {n} cells")
     if "pca" in config.baselines:
-        add("pca", expression_pca(log_expr, config.pca_components, seed=config.seed),
-            "baseline: PCA of log-normalised counts")
+        add("pca", expression_pca(log_expr, config.pca_components, seed=config.seed, fit_rows=fit_rows),
+            f"baseline: PCA of log-normalised counts, {fitted_on}")
     if "autoencoder" in config.baselines:
         from spatia.evaluate.autoencoder import fit_count_autoencoder
 
         fit = fit_count_autoencoder(counts, epochs=config.autoencoder_epochs, hidden=config.autoencoder_hidden,
                                     latent=config.autoencoder_latent, input_dropout=config.autoencoder_input_dropout,
                                     batch_size=config.autoencoder_batch_size, lr=config.autoencoder_lr,
-                                    seed=config.seed, n_threads=config.n_jobs)
+                                    seed=config.seed, n_threads=config.n_jobs, fit_rows=fit_rows)
         add("autoencoder", fit.embedding,
             f"baseline: count autoencoder G-{config.autoencoder_hidden}-{config.autoencoder_latent}, NB likelihood, "
-            f"{config.autoencoder_epochs} epochs on all cells (final loss {fit.epoch_losses[-1]:.2f}, "
+            f"{config.autoencoder_epochs} epochs, {fitted_on} (final loss {fit.epoch_losses[-1]:.2f}, "
             f"{fit.seconds:.1f} s)" if fit.epoch_losses else "baseline: count autoencoder (0 epochs)")
         meta["autoencoder"]["train_seconds"] = round(fit.seconds, 2)
     if "scvi" in config.baselines:
@@ -202,13 +225,13 @@ def build_representations(adata, config: EvaluateConfig, counts: sp.csr_matrix, 
 
         try:
             fit = scvi_latent(counts, n_latent=config.scvi_latent, epochs=config.scvi_epochs, seed=config.seed,
-                              n_threads=config.n_jobs)
+                              n_threads=config.n_jobs, fit_rows=fit_rows)
         except ScviUnavailable as error:
             meta["scvi"] = {"source": f"skipped: {error}", "dim": 0, "name": DISPLAY_NAMES["scvi"]}
             log.info("scVI baseline skipped: %s", error)
         else:
             add("scvi", fit.embedding, f"baseline: scVI (scvi-tools {fit.version}) latent, {config.scvi_latent} dims, "
-                f"{config.scvi_epochs} epochs on all cells ({fit.seconds:.1f} s)")
+                f"{config.scvi_epochs} epochs, {fitted_on} ({fit.seconds:.1f} s)")
             meta["scvi"]["train_seconds"] = round(fit.seconds, 2)
 
     morph = None

@@ -102,7 +102,7 @@ def _evaluate(adata, config: EvaluateConfig, crops: CellCrops | None, imputer: I
 
     t0 = time.perf_counter()
     log_expr = log_normalise(counts)
-    reps, meta = build_representations(adata, config, counts, log_expr, crops)
+    reps, meta = build_representations(adata, config, counts, log_expr, crops, split)
     timings["representations"] = time.perf_counter() - t0
     for key in ("autoencoder", "scvi"):
         if "train_seconds" in meta.get(key, {}):

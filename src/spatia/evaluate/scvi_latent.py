@@ -45,9 +45,10 @@ def scvi_available() -> tuple[bool, str]:
 
 
 def scvi_latent(counts: sp.spmatrix | np.ndarray, *, n_latent: int = 10, epochs: int = 40, seed: int = 0,
-                n_threads: int = 1) -> ScviFit:
+                n_threads: int = 1, fit_rows: np.ndarray | None = None) -> ScviFit:
     """Train scVI (scvi-tools' default model: 1 hidden layer of 128, ZINB likelihood, per-gene
     dispersion) on raw counts (N, G) for `epochs` on CPU; return the latent mean of every cell.
+    `fit_rows` (bool (N,)): train on these cells only (None: every cell); all N are embedded.
 
     Global random states (python, numpy, torch) are restored afterwards.
     """
@@ -61,6 +62,7 @@ def scvi_latent(counts: sp.spmatrix | np.ndarray, *, n_latent: int = 10, epochs:
     counts = sp.csr_matrix(counts, dtype=np.float32)
     holder = ad.AnnData(X=counts, obs=pd.DataFrame(index=[str(i) for i in range(counts.shape[0])]),
                         var=pd.DataFrame(index=[f"g{j}" for j in range(counts.shape[1])]))
+    train = holder if fit_rows is None else holder[np.flatnonzero(fit_rows)].copy()
     py_state, np_state = random.getstate(), np.random.get_state()
     previous_threads = torch.get_num_threads()
     # scvi-tools and Lightning log every epoch at INFO: quiet them for the fit, then give the
@@ -76,11 +78,13 @@ def scvi_latent(counts: sp.spmatrix | np.ndarray, *, n_latent: int = 10, epochs:
                 logger.setLevel(logging.WARNING)
             scvi.settings.seed = seed
             torch.set_num_threads(max(1, n_threads))
-            scvi.model.SCVI.setup_anndata(holder)
-            model = scvi.model.SCVI(holder, n_latent=n_latent)
+            scvi.model.SCVI.setup_anndata(train)
+            model = scvi.model.SCVI(train, n_latent=n_latent)
             model.train(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
                         enable_model_summary=False, logger=False, enable_checkpointing=False)
-            embedding = np.asarray(model.get_latent_representation(), dtype=np.float32)
+            # every cell through the trained encoder (scvi-tools transfers the train setup to it)
+            embedding = np.asarray(model.get_latent_representation(None if fit_rows is None else holder),
+                                   dtype=np.float32)
     finally:
         for logger, level in zip(quieted, previous_levels):
             logger.setLevel(level)
