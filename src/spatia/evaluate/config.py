@@ -42,8 +42,8 @@ class EvaluateConfig:
             (scVI's latent; skipped with a reason when scvi-tools is not installed).
         baseline_fit: the cells the learned baselines (PCA, autoencoder, scVI) are fit on.
             "train" (default): the split's train cells, then every cell is transformed, as
-            `spatia pretrain` trains on the MIST dataset's train split only (give that split
-            with `split`, as `spatia embed` writes it, for a like-for-like comparison). "all":
+            `spatia pretrain` trains on the MIST dataset's train split only (a `spatia embed`
+            output is scored on that split by default, so the cells match). "all":
             every cell, test cells included (transductive; a baseline then has seen up to twice
             the cells the SPATIA model has, docs/results.md).
         seed: split seed and first model seed; models run with seeds seed .. seed+n_seeds-1.
