@@ -96,6 +96,10 @@ def test_scvi_latent_separates_types():
     assert model.score(fit.embedding[400:], types[400:]) > 0.8
 
 
+def _dense_counts(adata) -> np.ndarray:
+    return np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X, dtype=np.float32)
+
+
 def _with_other_cells_changed(counts: np.ndarray, fit_rows: np.ndarray, seed: int = 9) -> np.ndarray:
     """The same counts for the fitted cells, new ones (another depth) for the rest."""
     changed = np.array(counts, dtype=np.float32, copy=True)
@@ -109,7 +113,7 @@ def test_pca_fit_on_train_rows_projects_every_cell_on_their_components():
     from spatia.expression import expression_pca, log_normalise
 
     adata, _ = synthetic_evaluation_data(400, n_genes=30, n_types=3, seed=7)
-    log_expr = np.asarray(log_normalise(np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X)))
+    log_expr = np.asarray(log_normalise(_dense_counts(adata)))
     fit_rows = np.arange(400) % 3 != 0
     ours = expression_pca(log_expr, 10, fit_rows=fit_rows)
     reference = PCA(10, svd_solver="covariance_eigh").fit(log_expr[fit_rows]).transform(log_expr)
@@ -120,7 +124,7 @@ def test_pca_fit_on_train_rows_projects_every_cell_on_their_components():
 
 def test_autoencoder_fit_on_train_rows_never_sees_the_other_cells():
     adata, _ = synthetic_evaluation_data(300, n_genes=30, n_types=3, seed=8)
-    counts = np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X, dtype=np.float32)
+    counts = _dense_counts(adata)
     fit_rows = np.arange(300) < 200
     kwargs = dict(epochs=3, hidden=16, latent=4, seed=0, fit_rows=fit_rows)
     fit = fit_count_autoencoder(counts, **kwargs)
@@ -135,7 +139,7 @@ def test_autoencoder_fit_on_train_rows_never_sees_the_other_cells():
 @pytest.mark.skipif(not scvi_available()[0], reason="scvi-tools is not installed (optional extra spatia[scvi])")
 def test_scvi_fit_on_train_rows_never_sees_the_other_cells():
     adata, _ = synthetic_evaluation_data(300, n_genes=30, n_types=3, seed=8)
-    counts = np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X, dtype=np.float32)
+    counts = _dense_counts(adata)
     fit_rows = np.arange(300) < 200
     fit = scvi_latent(counts, n_latent=4, epochs=3, seed=0, fit_rows=fit_rows)
     other = scvi_latent(_with_other_cells_changed(counts, fit_rows), n_latent=4, epochs=3, seed=0, fit_rows=fit_rows)

@@ -100,10 +100,10 @@ def make_split(adata, config: EvaluateConfig) -> tuple[np.ndarray, dict[str, Any
     split `spatia embed` wrote (obs "split" beside `uns["spatia"]`: the cells the model trained on
     are the train cells, so every representation is scored on cells none has learned from);
     else spatial blocks."""
-    split_column = config.split
+    split_column, split = config.split, None
     if split_column is None and EMBED_SPLIT_COLUMN in adata.obs.columns and "spatia" in adata.uns:
         try:  # refuses a column without train or without test cells
-            split_from_column(adata.obs[EMBED_SPLIT_COLUMN].to_numpy(), column=EMBED_SPLIT_COLUMN)
+            split = split_from_column(adata.obs[EMBED_SPLIT_COLUMN].to_numpy(), column=EMBED_SPLIT_COLUMN)
             split_column = EMBED_SPLIT_COLUMN
             log.info("split: the dataset's own (obs %r, written by spatia embed), the one the model trained on",
                      EMBED_SPLIT_COLUMN)
@@ -121,7 +121,8 @@ def make_split(adata, config: EvaluateConfig) -> tuple[np.ndarray, dict[str, Any
         if split_column not in adata.obs.columns:
             raise InputDataError(f"the AnnData has no obs column {split_column!r} for the split",
                                  fix="name an existing obs column with --split, or omit it for a spatial block split")
-        split = split_from_column(adata.obs[split_column].to_numpy(), column=split_column)
+        if split is None:
+            split = split_from_column(adata.obs[split_column].to_numpy(), column=split_column)
         summary = summarise_split(split, source=f"column:{split_column}", spatial_um=spatial, slide=slide)
         gap = summary.min_train_test_distance_um
         if gap is not None and gap < SPLIT_BUFFER_UM:

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spatia.errors import ConfigError
+from spatia.expression import log_normalise
 from spatia.mist.datasets import MultiScaleDataset, MultiScaleKey, collate_multiscale
 from spatia.mist.samplers import LocalizedBatchSampler
 
@@ -343,9 +344,7 @@ def morphometry_expression_r2(measures: np.ndarray, counts: np.ndarray, *, seed:
     n = measures.shape[0]
     if n < MORPHOMETRY_R2_MIN_CELLS:
         return None
-    counts = np.asarray(counts, dtype=np.float64)
-    library = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
-    expression = np.log1p(counts / library * 1e4)
+    expression = np.asarray(log_normalise(np.asarray(counts, dtype=np.float32), target_sum=1e4), dtype=np.float64)
 
     def standardised(x: np.ndarray) -> np.ndarray:
         x = x[:, x.std(axis=0) > 1e-8]
@@ -377,15 +376,13 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
                           path=root, fix="rebuild it with a train split, or set gene.max_tokens, image.pixel_mean "
                           "and image.pixel_std in the config")
     rows = np.random.default_rng(seed).permutation(len(cells))[:n_cells]
-    nonzero = np.empty(len(rows))
     total = total_sq = 0.0
     n_pixels = 0
     images, masks, measures = [], [], []
-    measured_counts = []
+    measured_counts = []  # per cell (G,): counts of its measured genes, 0 elsewhere
     for i, row in enumerate(rows):
         item = cells[int(row)]
-        nonzero[i] = float(((item["cell_counts"] > 0) & item["cell_gene_measured"]).sum())
-        measured_counts.append(item["cell_counts"].double().numpy() * item["cell_gene_measured"].numpy())
+        measured_counts.append((item["cell_counts"] * item["cell_gene_measured"]).numpy())
         pixels = item["cell_image"].double()
         total += float(pixels.sum())
         total_sq += float((pixels * pixels).sum())
@@ -397,9 +394,11 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
             images, masks = [], []
     mean = total / n_pixels
     std = max((total_sq / n_pixels - mean * mean) ** 0.5, 1e-3)
+    counts = np.stack(measured_counts)
+    nonzero = (counts > 0).sum(axis=1)  # nonzero measured genes per cell
     cap = max(int(np.ceil(np.percentile(nonzero, TOKEN_CAP_PERCENTILE))), 1)
     per_cell = torch.cat(measures).numpy()
-    r2 = morphometry_expression_r2(per_cell, np.stack(measured_counts), seed=seed)
+    r2 = morphometry_expression_r2(per_cell, counts, seed=seed)
     return DatasetStatistics(cap, float(mean), float(std), len(rows), per_cell.mean(axis=0), per_cell.std(axis=0), r2)
 
 
