@@ -84,7 +84,7 @@ def test_matches_a_forward_pass_by_hand(simulated_mist, simulated_checkpoint, ce
         total = visible_total / (1.0 - min(share.sum(), 0.9))
         np.testing.assert_allclose(pred[j, genes], share * total, rtol=1e-4, atol=1e-6)
     # the model's input normalisation ignores the hidden genes: totals over visible genes only
-    values = normalize_counts(batch["cell_counts"], batch["cell_gene_measured"], model.config.gene.target_sum)
+    values = normalize_counts(batch["cell_counts"], batch["cell_gene_measured"], model.config.gene.library_target())
     assert torch.all(values[torch.from_numpy(mask)] == 0)
 
 

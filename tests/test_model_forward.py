@@ -159,6 +159,48 @@ def test_gene_selection_and_masking():
         assert row0 == chosen
 
 
+def test_profile_embedding_is_the_linear_read_of_the_visible_profile_before_attention(model):
+    """The gene residual's input: Linear(G, dim) of the token values scattered into the panel,
+    untouched by which zero genes were drawn as tokens (or their order), 0 for a cell without
+    genes; the profile *token* after attention does depend on them."""
+    encoder = model.gene_encoder
+    index = torch.tensor([[5, 17, 40, 0], [3, 0, 0, 0]])
+    values = torch.tensor([[1.5, 0.7, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, True, False], [False, False, False, False]])
+    with torch.no_grad():
+        out = encoder(index, values, valid)
+        profile = torch.zeros(2, N_GENES)
+        profile[0, [5, 17, 40]] = torch.tensor([1.5, 0.7, 2.0])
+        assert torch.allclose(out.profile[0], encoder.profile(profile)[0], atol=1e-6)
+        assert torch.equal(out.profile[1], torch.zeros(encoder.dim))            # no genes -> 0
+        # other zero genes as tokens, in another order: same profile embedding, other tokens
+        other = encoder(torch.tensor([[77, 40, 5, 17, 90]]), torch.tensor([[0.0, 2.0, 1.5, 0.7, 0.0]]),
+                        torch.ones(1, 5, dtype=torch.bool))
+    assert torch.allclose(other.profile[0], out.profile[0], atol=1e-6)
+    assert not torch.allclose(other.tokens[0, 0], out.tokens[0, 0], atol=1e-4)
+    assert out.tokens.shape == (2, 5, encoder.dim) and out.valid[:, 0].tolist() == [True, False]
+
+
+def test_gene_residual_adds_the_profile_embedding_to_z_cell(config, batch):
+    """z_cell = (image queries x gene tokens, pooled) + gene_summary(profile embedding) + ..."""
+    torch.manual_seed(0)
+    model = SpatiaModel(config, synthetic_gene_symbols(N_GENES)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.cell_fusion.gene_summary.weight)
+        z_cell = model.embed(batch, levels=("cell",)).z_cell
+        weight = model.cell_fusion.gene_summary.weight.clone()
+        bias = model.cell_fusion.gene_summary.bias.clone()
+        model.cell_fusion.gene_summary.weight.zero_()
+        model.cell_fusion.gene_summary.bias.zero_()
+        without = model.embed(batch, levels=("cell",)).z_cell
+        measured = batch["cell_gene_measured"].bool()
+        values = normalize_counts(batch["cell_counts"], measured, config.gene.library_target())
+        selection = select_genes(values, measured, config.gene.max_tokens, randomize=False,
+                                 zero_priority=model.gene_encoder.zero_priority)
+        profile = model.gene_encoder(selection.index, selection.take(values), selection.valid).profile
+    assert torch.allclose(z_cell - without, profile @ weight.T + bias, atol=1e-4)
+
+
 def test_image_only_embedding_ignores_genes(model, batch):
     emb = model.embed(batch, modality="image")
     changed = dict(batch)

@@ -109,8 +109,9 @@ def test_embedding_dataset_items(simulated_mist):
 
 
 def test_token_cap_and_pixel_statistics_come_from_the_train_cells(simulated_mist, simulated_checkpoint):
-    """`gene.max_tokens: null` and `image.pixel_mean/std: null` are measured on the train cells
-    (every one of them here: fewer than the sample size) and written into the run's config."""
+    """`gene.max_tokens`, `gene.target_sum` and `image.pixel_mean/std: null` are measured on the
+    train cells (every one of them here: fewer than the sample size) and written into the run's
+    config."""
     from spatia.mist import CellDataset
     from spatia.model import load_config
     from spatia.train import load_model
@@ -131,15 +132,20 @@ def test_token_cap_and_pixel_statistics_come_from_the_train_cells(simulated_mist
     assert stats.token_cap < nonzero.max() + 1
     assert stats.pixel_mean == pytest.approx(float(pixels.mean()), rel=1e-6)
     assert stats.pixel_std == pytest.approx(float(pixels.std(unbiased=False)), rel=1e-5)
+    libraries = np.array([float((it["cell_counts"] * it["cell_gene_measured"]).sum()) for it in items])
+    assert stats.median_library == pytest.approx(float(np.median(libraries[libraries > 0])), rel=1e-6)
 
     tiny = load_config("tiny")
     assert tiny.gene.max_tokens is None and tiny.image.pixel_mean is None
     resolved = resolve_data_config(tiny, simulated_mist)
     assert resolved.gene.max_tokens == dataset_statistics(simulated_mist).token_cap
+    assert tiny.gene.target_sum is None
+    assert resolved.gene.target_sum == round(dataset_statistics(simulated_mist).median_library, 3)
     assert resolved.image.pixel_std > 0
     assert resolve_data_config(resolved, simulated_mist) is resolved  # nothing left to measure
     model, _ = load_model(simulated_checkpoint)  # pretrain wrote the measured values
     assert model.config.gene.max_tokens == resolved.gene.max_tokens
+    assert model.config.gene.target_sum == resolved.gene.target_sum
     assert model.config.image.pixel_mean == resolved.image.pixel_mean
     assert tiny.fusion.morphometry_weight is None
     assert resolved.fusion.morphometry_weight == round(dataset_statistics(simulated_mist).morphometry_weight(), 3)
@@ -207,7 +213,7 @@ def test_morphometry_r2_known_answers_and_the_weight_rule():
                                      counts[:MORPHOMETRY_R2_MIN_CELLS - 1]) is None
 
     def weight(r2):
-        return DatasetStatistics(1, 0.0, 1.0, n, np.zeros(3), np.ones(3), r2).morphometry_weight()
+        return DatasetStatistics(1, 1.0, 0.0, 1.0, n, np.zeros(3), np.ones(3), r2).morphometry_weight()
 
     assert weight(None) == 1.0
     assert weight(0.0) == 0.0

@@ -7,16 +7,20 @@ domains (`ground_truth.parquet`, carried into the dataset index as `truth_*`). W
 tiny config jointly (all levels) with its default recipe for `STEPS` steps, embed every cell and
 score a logistic regression trained on the dataset's train cells and tested on its (spatially
 disjoint) test cells, macro-F1; PCA-50 is fit on the train cells, the cells the model learned
-from (as `spatia evaluate` fits its baselines). Measured (seed 0, defaults with the morphometry
-input of z_cell, whose measured weight is 1 on this section): cell type `X_spatia` 0.939 vs
-PCA-50 0.947; domain `X_spatia` 0.680 vs `X_spatia_cell` 0.644 vs PCA-50 0.567 (PCA fit on every
-cell: 0.956 and 0.596); imputation Pearson 0.487 trained vs 0.100 untrained. (Before the
-morphometry input: type 0.924, domain 0.602 vs cell level 0.540.) Asserted (issue 12's margins):
+from (as `spatia evaluate` fits its baselines). Measured (seed 0, today's defaults: the median
+library as the normalisation target, the gene residual read before the attention, gene mask
+0.5, the morphometry input at its measured weight of 1 on this section): cell type `X_spatia`
+0.977 vs PCA-50 0.947; domain `X_spatia` 0.724 vs `X_spatia_cell` 0.664 vs PCA-50 0.567;
+imputation Pearson 0.512 trained vs 0.108 untrained. (Before those three gene-path changes:
+type 0.939, domain 0.680 vs cell level 0.644, imputation 0.487; before the morphometry input:
+type 0.924, domain 0.602 vs 0.540.) Asserted (issue 12's margins):
 
-- cell type from `X_spatia` within 0.05 of PCA-50 of the log-normalised counts;
-- tissue domain from `X_spatia` above PCA-50 by 0.04 (the nucleus's morphology and the niche
-  and tissue levels add what one cell's expression lacks), and above the cell level alone (the
-  context adds to the cell's own expression and morphology);
+- cell type from `X_spatia` within 0.01 of PCA-50 of the log-normalised counts (issue 12's
+  simulator target; measured +0.030, so the margin leaves 0.04 for run-to-run variation);
+- tissue domain from `X_spatia` above PCA-50 by 0.08 (the nucleus's morphology and the niche
+  and tissue levels add what one cell's expression lacks; measured +0.157 on this 3,000-cell
+  section after 300 steps), and above the cell level alone (the context adds to the cell's own
+  expression and morphology);
 - gene imputation through the gene decoder (`GeneDecoderImputer`, 10 % of the genes of 300 test
   cells held out): Pearson of log1p counts on held-out entries, trained vs untrained.
 """
@@ -61,7 +65,7 @@ def _imputation_pearson(model, levels, dataset, adata) -> float:
 
 
 @pytest.mark.slow
-def test_pretraining_nears_pca_on_cell_type_and_beats_it_on_domain(simulated_bundle, tmp_path):
+def test_pretraining_matches_pca_on_cell_type_and_beats_it_on_domain(simulated_bundle, tmp_path):
     dataset = tmp_path / "mist"
     build_dataset([simulated_bundle], dataset, BuildConfig.cpu(), seed=0)
     overrides = dict(max_steps=STEPS, val_batches=0, checkpoint_every_n_steps=STEPS, log_every_n_steps=20)
@@ -81,8 +85,8 @@ def test_pretraining_nears_pca_on_cell_type_and_beats_it_on_domain(simulated_bun
     print(f"macro-F1 (X_spatia, X_spatia_cell, PCA-50): {scores}")
     spatia_type, _, pca_type = scores["truth_cell_type"]
     spatia_domain, cell_domain, pca_domain = scores["truth_domain"]
-    assert spatia_type >= pca_type - 0.05, scores
-    assert spatia_domain > pca_domain + 0.04, scores
+    assert spatia_type >= pca_type - 0.01, scores
+    assert spatia_domain > pca_domain + 0.08, scores
     assert spatia_domain > cell_domain, scores
 
     trained_model, info = load_model(run.last_checkpoint)

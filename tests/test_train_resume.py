@@ -229,7 +229,7 @@ def test_a_checkpoint_of_an_older_format_is_refused_with_the_fix(simulated_check
     from spatia.train.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 
     checkpoint = torch.load(simulated_checkpoint, map_location="cpu", weights_only=False)
-    assert checkpoint[CHECKPOINT_KEY]["format"] == CHECKPOINT_FORMAT == 2
+    assert checkpoint[CHECKPOINT_KEY]["format"] == CHECKPOINT_FORMAT == 3
     checkpoint[CHECKPOINT_KEY]["format"] = 1
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)

@@ -51,6 +51,10 @@ class ImageConfig:
                 1.0 if self.pixel_std is None else self.pixel_std)
 
 
+UNMEASURED_TARGET_SUM = 10000.0
+"""`gene.target_sum` of a model built before it was measured (e.g. by hand, outside `spatia pretrain`)."""
+
+
 @dataclass
 class GeneConfig:
     """scPRINT-style gene encoder: gene-ID embedding + value encoder + transformer."""
@@ -63,12 +67,19 @@ class GeneConfig:
     # gene tokens per cell: all nonzero (up to this) + sampled zeros; null: the 99th percentile
     # of nonzero measured genes per train cell, measured when pretraining starts (no cap until then)
     max_tokens: int | None = None
-    mask_ratio: float = 0.25        # masked gene modelling: share of the selected tokens hidden
+    mask_ratio: float = 0.5         # masked gene modelling: share of the selected tokens hidden
     withhold_ratio: float = 0.15    # share of training cells whose genes are all hidden (image-only)
     profile_token: bool = True      # one more token: Linear(G, dim) of the cell's visible profile
-    target_sum: float = 10000.0     # expression = log1p(counts / total_measured * target_sum)
+    # expression = log1p(counts / total_measured * target_sum); null: the median library (total
+    # measured counts) of the train cells, measured when pretraining starts
+    # (`spatia.train.data.dataset_statistics`), scanpy's default; docs/model.md has the measurement
+    target_sum: float | None = None
     max_value: float = 12.0         # normalised values are clipped here before the value encoder
     freeze_embeddings: bool = False  # freeze the gene-ID embedding (e.g. after loading vectors)
+
+    def library_target(self) -> float:
+        """The library size counts are scaled to; `UNMEASURED_TARGET_SUM` while not yet measured."""
+        return UNMEASURED_TARGET_SUM if self.target_sum is None else self.target_sum
 
 
 @dataclass
@@ -81,8 +92,8 @@ class FusionConfig:
     layers: int = 1                 # cross-attention blocks of the cell fusion
     final_layers: int = 1           # cross-attention blocks of the final fusion (Eq. 4)
     dropout: float = 0.0
-    gene_residual: bool = True      # z_cell += W * (gene encoder's profile token): the gene summary
-                                    # reaches z_cell without passing through the image queries
+    gene_residual: bool = True      # z_cell += W * (the gene encoder's profile embedding, before its
+                                    # attention): the whole visible profile reaches z_cell linearly
     morphometry_residual: bool = True  # z_cell += W * (the crop's standardised morphometry measures)
                                     # when images are used: nuclear measures a small ViT misses
     # the measures' weight in that sum; null: min(1, R2 / 0.1), R2 the share of the train cells'
@@ -339,14 +350,15 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
     if config.gene.max_tokens is not None:
         positive("gene.max_tokens", config.gene.max_tokens)
     ratio("gene.withhold_ratio", config.gene.withhold_ratio)
-    positive("gene.target_sum", config.gene.target_sum)
+    if config.gene.target_sum is not None:
+        positive("gene.target_sum", config.gene.target_sum)
     positive("gene.max_value", config.gene.max_value)
     weight = config.fusion.morphometry_weight
     if weight is not None and not 0.0 <= weight <= 1.0:
         fail("fusion.morphometry_weight", f"must lie in [0, 1], not {weight}",
              "set it to null (measured from the data), or between 0 (measures off) and 1")
     if config.fusion.gene_residual and not config.gene.profile_token:
-        fail("fusion.gene_residual", "needs gene.profile_token (the residual is that token)",
+        fail("fusion.gene_residual", "needs gene.profile_token (the residual is its embedding)",
              "set gene.profile_token: true, or fusion.gene_residual: false")
     positive("gene_decoder.dim", config.gene_decoder.dim)
     if config.gene_decoder.layers < 0:

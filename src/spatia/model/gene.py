@@ -6,10 +6,12 @@ to `gene.max_tokens`) are taken plus randomly chosen measured zeros up to the ca
 does, so the transformer length is fixed by the config rather than by the panel.
 
 The encoder's input is the normalised expression `log1p(counts / total * target_sum)`, with
-`total` summed over *measured* genes only, so unmeasured genes cannot affect anything. The
-token cap `gene.max_tokens` is measured from the data when pretraining starts (the 99th
-percentile of nonzero measured genes per train cell), so nearly every cell gets every one of
-its nonzero genes as a token.
+`total` summed over *measured* genes only, so unmeasured genes cannot affect anything. Two
+statistics are measured from the data when pretraining starts (`spatia.train.data`): the token
+cap `gene.max_tokens` (the 99th percentile of nonzero measured genes per train cell), so nearly
+every cell gets every one of its nonzero genes as a token, and `gene.target_sum` (the median
+library of the train cells, scanpy's default), so a single count maps to about log1p(1) rather
+than to log1p(10,000 / library) ~ 7 on Xenium's 5-100-count cells (docs/model.md).
 
 Gene-ID embeddings may start from a user table of gene vectors (e.g. protein language model
 embeddings), matched by symbol: see `read_gene_table` and `match_gene_vectors`.
@@ -129,16 +131,31 @@ class ContinuousValueEncoder(nn.Module):
         return self.dropout(self.norm(self.linear2(torch.relu(self.linear1(x)))))
 
 
+@dataclass
+class GeneEncoding:
+    """What `GeneEncoder` returns.
+
+    tokens float `(N, L, gene.dim)` contextual tokens and their validity bool `(N, L)`; profile
+    float `(N, gene.dim)`: `Linear(G, dim)` of the cell's visible profile *before* attention (0
+    for a cell without gene tokens), None without `gene.profile_token`."""
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    profile: torch.Tensor | None
+
+
 class GeneEncoder(nn.Module):
-    """Gene tokens -> contextual gene tokens.
+    """Gene tokens -> contextual gene tokens and the profile embedding (`GeneEncoding`).
 
     forward(index, values, valid) with index int64 `(N, W)` vocabulary rows, values float32
-    `(N, W)` normalised expression, valid bool `(N, W)` -> tokens `(N, L, gene.dim)` and their
-    validity bool `(N, L)`. With `gene.profile_token`, L = W + 1: a first token
-    `Linear(G, dim)` of the cell's token values scattered into the vocabulary (an
-    autoencoder-style summary of the whole visible profile, valid when the cell has a token)
-    precedes the gene tokens and joins their attention; it sees only the genes given, so
-    masked genes stay hidden.
+    `(N, W)` normalised expression, valid bool `(N, W)`. Tokens: L = W, or W + 1 with
+    `gene.profile_token`: a first token, the profile embedding `Linear(G, dim)` of the cell's
+    token values scattered into the vocabulary (an autoencoder-style summary of the whole visible
+    profile, valid when the cell has a token), precedes the gene tokens and joins their
+    attention. It sees only the genes given, so masked genes stay hidden. The profile embedding
+    is also returned as it was before attention: a linear read of the profile that the zero
+    tokens (a random draw in training, a fixed one at embedding) cannot perturb; the gene
+    residual of z_cell takes it from there (`fusion.gene_residual`, docs/model.md).
     """
 
     def __init__(self, cfg: GeneConfig, n_genes: int):
@@ -161,21 +178,23 @@ class GeneEncoder(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embedding.weight, std=1.0)
 
-    def forward(self, index: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, index: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> GeneEncoding:
         x = self.embedding(index) + self.value_encoder(values)
+        embedded = None
         if self.profile is not None:
             profile = torch.zeros(index.shape[0], self.n_genes, dtype=values.dtype, device=values.device)
             profile = profile.scatter_add(1, index, values.masked_fill(~valid, 0.0).clamp(max=self.value_encoder.max_value))
-            x = torch.cat([self.profile(profile)[:, None, :].to(x.dtype), x], dim=1)
-            valid = torch.cat([valid.any(dim=1, keepdim=True), valid], dim=1)
+            has_genes = valid.any(dim=1, keepdim=True)
+            embedded = self.profile(profile) * has_genes.to(values.dtype)
+            x = torch.cat([embedded[:, None, :].to(x.dtype), x], dim=1)
+            valid = torch.cat([has_genes, valid], dim=1)
         if x.shape[1] == 0:
-            return x, valid
+            return GeneEncoding(x, valid, embedded)
         # a row without genes attends to its (ignored) padding instead of nothing, avoiding NaN
         attend = valid | ~valid.any(dim=1, keepdim=True)
         for block in self.blocks:
             x = block(x, attend)
-        return self.norm(x), valid
+        return GeneEncoding(self.norm(x), valid, embedded)
 
     @torch.no_grad()
     def load_gene_vectors(self, vocabulary: list[str], table_symbols: list[str], vectors: np.ndarray,

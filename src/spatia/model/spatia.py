@@ -261,7 +261,7 @@ class SpatiaModel(nn.Module):
         # ---- cell level: image tokens (queries) x gene tokens (keys/values)
         cell = self._encode_images("cell", batch["cell_image"], image_ratio, generator)
         measured = batch["cell_gene_measured"].bool()
-        values = normalize_counts(batch["cell_counts"], measured, cfg.gene.target_sum)
+        values = normalize_counts(batch["cell_counts"], measured, cfg.gene.library_target())
         selection = select_genes(values, measured, cfg.gene.max_tokens, randomize=mask_genes,
                                  zero_priority=self.gene_encoder.zero_priority, generator=generator)
         withhold = None
@@ -269,10 +269,10 @@ class SpatiaModel(nn.Module):
             draw = torch.rand(values.shape[0], device=values.device, generator=generator)
             withhold = draw < cfg.gene.withhold_ratio
         kept, _ = split_masked(selection, gene_ratio, withhold=withhold, generator=generator)
-        gene_tokens, gene_valid = self.gene_encoder(kept.index, kept.take(values), kept.valid)
-        summary = None
-        if cfg.fusion.gene_residual:  # the profile token (validated: gene.profile_token), 0 without genes
-            summary = gene_tokens[:, 0] * gene_valid[:, :1].to(gene_tokens.dtype)
+        genes = self.gene_encoder(kept.index, kept.take(values), kept.valid)
+        gene_tokens, gene_valid = genes.tokens, genes.valid
+        # the profile embedding before attention (validated: gene.profile_token), 0 without genes
+        summary = genes.profile if cfg.fusion.gene_residual else None
         # the crop's measures feed the morphometry input and/or are the morphometry target
         morphometry_loss = compute_losses and self.morphometry_head is not None and use_image and "cell_mask" in batch
         measures = None

@@ -309,10 +309,12 @@ MORPHOMETRY_R2_COMPONENTS = 20
 
 
 class DatasetStatistics(NamedTuple):
-    """What `resolve_data_config` fills in (the gene-token cap and the cell-crop pixel stats), and
-    the standardisation of the morphometry input (`MorphometryInput.set_statistics`)."""
+    """What `resolve_data_config` fills in (the gene-token cap, the library target, the cell-crop
+    pixel stats, the morphometry weight), and the standardisation of the morphometry input
+    (`MorphometryInput.set_statistics`)."""
 
     token_cap: int
+    median_library: float             # median total measured counts of the cells with any (>= 1)
     pixel_mean: float
     pixel_std: float
     n_cells: int
@@ -364,7 +366,7 @@ def morphometry_expression_r2(measures: np.ndarray, counts: np.ndarray, *, seed:
 def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, seed: int = 0) -> DatasetStatistics:
     """Measure, on a seeded sample of up to `n_cells` train cells of a MIST dataset: the
     `TOKEN_CAP_PERCENTILE` percentile of nonzero measured genes per cell (rounded up, at least
-    1), the mean and standard deviation of the cell-crop pixels (in [0, 1], every pixel) and of
+    1), the median library (total measured counts) of the cells with counts (at least 1), the mean and standard deviation of the cell-crop pixels (in [0, 1], every pixel) and of
     each morphometry measure of the cell crops (`spatia.model.morphometry`), and how much of the
     expression those measures explain (`morphometry_expression_r2`)."""
     from spatia.mist.datasets import CellDataset
@@ -397,24 +399,28 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
     counts = np.stack(measured_counts)
     nonzero = (counts > 0).sum(axis=1)  # nonzero measured genes per cell
     cap = max(int(np.ceil(np.percentile(nonzero, TOKEN_CAP_PERCENTILE))), 1)
+    libraries = counts.sum(axis=1)
+    median_library = max(float(np.median(libraries[libraries > 0])), 1.0) if (libraries > 0).any() else 1.0
     per_cell = torch.cat(measures).numpy()
     r2 = morphometry_expression_r2(per_cell, counts, seed=seed)
-    return DatasetStatistics(cap, float(mean), float(std), len(rows), per_cell.mean(axis=0), per_cell.std(axis=0), r2)
+    return DatasetStatistics(cap, median_library, float(mean), float(std), len(rows), per_cell.mean(axis=0),
+                             per_cell.std(axis=0), r2)
 
 
 def resolve_data_config(config, root: str | Path, *, seed: int = 0, stats: DatasetStatistics | None = None):
     """The config with its data-measured keys filled in (those left null): `gene.max_tokens`,
-    `image.pixel_mean`, `image.pixel_std` and `fusion.morphometry_weight` (see
+    `gene.target_sum`, `image.pixel_mean`, `image.pixel_std` and `fusion.morphometry_weight` (see
     `dataset_statistics`; `stats`: already measured on `root`). Unchanged when all are set."""
     import dataclasses
 
     image, gene, fusion = config.image, config.gene, config.fusion
-    if (gene.max_tokens is not None and image.pixel_mean is not None and image.pixel_std is not None
-            and fusion.morphometry_weight is not None):
+    if (gene.max_tokens is not None and gene.target_sum is not None and image.pixel_mean is not None
+            and image.pixel_std is not None and fusion.morphometry_weight is not None):
         return config
     stats = stats if stats is not None else dataset_statistics(root, seed=seed)
-    log.info("from %d train cells of %s: gene-token cap %d (p%g of nonzero genes per cell), pixel mean %.4f, "
-             "std %.4f", stats.n_cells, root, stats.token_cap, TOKEN_CAP_PERCENTILE, stats.pixel_mean, stats.pixel_std)
+    log.info("from %d train cells of %s: gene-token cap %d (p%g of nonzero genes per cell), median library %g "
+             "counts, pixel mean %.4f, std %.4f", stats.n_cells, root, stats.token_cap, TOKEN_CAP_PERCENTILE,
+             stats.median_library, stats.pixel_mean, stats.pixel_std)
     if fusion.morphometry_weight is None:
         r2 = "not measured (too few cells)" if stats.morphometry_r2 is None else f"{stats.morphometry_r2:.3f}"
         log.info("morphometry measures explain R2 %s of the expression: fusion.morphometry_weight %.3f", r2,
@@ -423,5 +429,7 @@ def resolve_data_config(config, root: str | Path, *, seed: int = 0, stats: Datas
     image = dataclasses.replace(
         image, pixel_mean=round(stats.pixel_mean, 6) if image.pixel_mean is None else image.pixel_mean,
         pixel_std=round(stats.pixel_std, 6) if image.pixel_std is None else image.pixel_std)
-    gene = dataclasses.replace(gene, max_tokens=stats.token_cap if gene.max_tokens is None else gene.max_tokens)
+    gene = dataclasses.replace(gene, max_tokens=stats.token_cap if gene.max_tokens is None else gene.max_tokens,
+                               target_sum=(round(stats.median_library, 3) if gene.target_sum is None
+                                           else gene.target_sum))
     return dataclasses.replace(config, image=image, gene=gene, fusion=fusion)

@@ -35,7 +35,9 @@ from spatia.model import LEVELS, SpatiaConfig, SpatiaModel
 from spatia.train.data import BatchPosition
 
 CHECKPOINT_KEY = "spatia"
-CHECKPOINT_FORMAT = 2  # 2: the morphometry input of z_cell (fusion.morphometry_residual), 17 measures
+CHECKPOINT_FORMAT = 3
+"""2: the morphometry input of z_cell (fusion.morphometry_residual), 17 measures; 3: the gene
+residual of z_cell reads the profile embedding before the gene encoder's attention."""
 LR_SCHEDULES = ("cosine", "constant")
 
 
