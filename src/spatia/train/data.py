@@ -366,8 +366,9 @@ def morphometry_expression_r2(measures: np.ndarray, counts: np.ndarray, *, seed:
 def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, seed: int = 0) -> DatasetStatistics:
     """Measure, on a seeded sample of up to `n_cells` train cells of a MIST dataset: the
     `TOKEN_CAP_PERCENTILE` percentile of nonzero measured genes per cell (rounded up, at least
-    1), the median library (total measured counts) of the cells with counts (at least 1), the mean and standard deviation of the cell-crop pixels (in [0, 1], every pixel) and of
-    each morphometry measure of the cell crops (`spatia.model.morphometry`), and how much of the
+    1), the median library (total measured counts) of the cells with counts (at least 1), the
+    mean and standard deviation of the cell-crop pixels (in [0, 1], every pixel) and of each
+    morphometry measure of the cell crops (`spatia.model.morphometry`), and how much of the
     expression those measures explain (`morphometry_expression_r2`)."""
     from spatia.mist.datasets import CellDataset
     from spatia.model.morphometry import morphometry_measures
