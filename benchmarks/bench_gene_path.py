@@ -40,11 +40,12 @@ from spatia.evaluate.autoencoder import fit_count_autoencoder
 from spatia.evaluate.config import EvaluateConfig
 from spatia.evaluate.tasks.annotation import annotation_task
 from spatia.evaluate.tasks.clustering import clustering_task
-from spatia.expression import library_sizes
+from spatia.expression import median_library
 from spatia.keys import TRAIN
 from spatia.model.config import GeneConfig, GeneDecoderConfig
 from spatia.model.decoders import GeneDecoder, gene_loss
 from spatia.model.gene import GeneEncoder, normalize_counts, select_genes, split_masked
+from spatia.train.data import TOKEN_CAP_PERCENTILE
 
 
 class GenePath(nn.Module):
@@ -129,10 +130,9 @@ def main() -> None:
     split = adata.obs["split"].astype(str).to_numpy()
     labels = adata.obs[args.label].astype(object).where(adata.obs[args.label].notna(), None).to_numpy()
     train_rows = np.flatnonzero(split == TRAIN)
-    libraries = library_sizes(counts[train_rows])
-    median_library = float(np.median(libraries[libraries > 0]))
+    library = median_library(counts[train_rows])
     nonzero = np.diff(counts[train_rows].indptr)
-    token_cap = int(np.ceil(np.percentile(nonzero, 99)))
+    token_cap = int(np.ceil(np.percentile(nonzero, TOKEN_CAP_PERCENTILE)))
     config = EvaluateConfig(labels=(args.label,), n_seeds=args.n_seeds, seed=args.seed)
 
     for variant in args.variants.split(","):
@@ -140,12 +140,12 @@ def main() -> None:
         t0 = time.perf_counter()
         if switches == {"ae"}:
             embedding = fit_count_autoencoder(counts, fit_rows=split == TRAIN, seed=args.seed).embedding
-            target, mask, read = median_library, None, "autoencoder"
+            target, mask, read = library, None, "autoencoder"
         else:
             unknown = switches - {"linear", "token", "t1e4", "m0", "m25"}
             if unknown:
                 raise SystemExit(f"unknown variant switch(es) {sorted(unknown)} in '{variant}'")
-            target = 1e4 if "t1e4" in switches else median_library
+            target = 1e4 if "t1e4" in switches else library
             mask = 0.0 if "m0" in switches else 0.25 if "m25" in switches else 0.5
             read = "token" if "token" in switches else "linear"
             model = GenePath(counts.shape[1], target_sum=target, mask_ratio=mask, read=read, token_cap=token_cap)

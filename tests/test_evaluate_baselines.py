@@ -10,7 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 from spatia.evaluate import ExpressionKnnImputer, GeneMeanImputer, KnnImputer, hold_out_mask
 from spatia.evaluate.baselines import concatenate_blocks, standardise_features
 from spatia.evaluate.leiden import LeidenGraph, knn_adjacency
-from spatia.expression import log_normalise
+from spatia.expression import log_normalise, median_library
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,15 @@ def test_log_normalise_matches_scanpy(counts):
     sc.pp.normalize_total(holder)
     sc.pp.log1p(holder)
     assert np.allclose(log_normalise(counts).toarray(), holder.X.toarray(), atol=1e-5)
+
+
+def test_median_library_ignores_empty_cells():
+    counts = np.array([[0, 0], [1, 2], [4, 0], [0, 0], [5, 5]], dtype=np.float32)  # totals 0, 3, 4, 0, 10
+    assert median_library(counts) == 4.0
+    assert median_library(sp.csr_matrix(counts)) == 4.0
+    assert median_library(np.zeros((3, 2))) == 1.0                      # no counts at all: no scaling
+    # log_normalise's default target is that median: a 4-count cell keeps its counts
+    assert np.allclose(log_normalise(counts)[2], np.log1p([4.0, 0.0]))
 
 
 def test_feature_blocks():

@@ -54,15 +54,22 @@ def library_sizes(counts: sp.spmatrix | np.ndarray) -> np.ndarray:
     return np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
 
 
+def median_library(counts: sp.spmatrix | np.ndarray) -> float:
+    """The median total count of the cells (rows) with any counts; 1.0 when none has any. The
+    library size counts are normalised to (scanpy's default target)."""
+    totals = library_sizes(counts)
+    positive = totals[totals > 0]
+    return float(np.median(positive)) if positive.size else 1.0
+
+
 def log_normalise(counts: sp.spmatrix | np.ndarray, target_sum: float | None = None) -> sp.csr_matrix | np.ndarray:
     """log1p(counts / total * target_sum) per cell, float32; sparse input stays CSR.
 
-    target_sum: None = the median positive total. Cells with zero counts stay zero.
+    target_sum: None = `median_library(counts)`. Cells with zero counts stay zero.
     """
     totals = library_sizes(counts)
     if target_sum is None:
-        positive = totals[totals > 0]
-        target_sum = float(np.median(positive)) if positive.size else 1.0
+        target_sum = median_library(counts)
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)
     if sp.issparse(counts):
         out = sp.csr_matrix(counts, dtype=np.float32, copy=True)

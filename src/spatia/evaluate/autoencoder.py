@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from spatia.errors import InputDataError
-from spatia.expression import library_sizes, log_normalise
+from spatia.expression import library_sizes, log_normalise, median_library
 from spatia.model.decoders import nb_log_prob  # the one NB likelihood (the model's gene decoder uses it too)
 
 
@@ -77,11 +77,9 @@ def fit_count_autoencoder(counts: sp.spmatrix | np.ndarray, *, epochs: int = 40,
     if n_cells < 2 or n_genes < 2:
         raise InputDataError(f"cannot train the count autoencoder on a {n_cells} x {n_genes} matrix",
                              fix="give at least two cells with at least two genes")
-    totals = library_sizes(counts)
-    fitted_totals = totals[fit][totals[fit] > 0]  # the normalisation, too, comes from the fitted cells
-    log_expr = sp.csr_matrix(log_normalise(counts, target_sum=float(np.median(fitted_totals))
-                                           if fitted_totals.size else 1.0))
-    library = torch.from_numpy(totals.astype(np.float32))
+    # the normalisation, too, comes from the fitted cells
+    log_expr = sp.csr_matrix(log_normalise(counts, target_sum=median_library(counts[fit])))
+    library = torch.from_numpy(library_sizes(counts).astype(np.float32))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, n_threads))
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
 from spatia.errors import InputDataError
-from spatia.expression import library_sizes, log_normalise
+from spatia.expression import library_sizes, log_normalise, median_library
 
 Imputer = Callable[[sp.csr_matrix, np.ndarray, np.ndarray], np.ndarray]
 
@@ -156,7 +156,7 @@ class ExpressionKnnImputer:
 
         ref = sp.csr_matrix(reference_counts, dtype=np.float32)
         self.prior_cells = float(prior_cells)
-        self._target_sum = float(np.median(library_sizes(ref)[library_sizes(ref) > 0]))
+        self._target_sum = median_library(ref)
         log_ref = log_normalise(ref, self._target_sum)
         self._mean = np.asarray(log_ref.mean(axis=0)).ravel()
         n_comp = int(max(1, min(n_components, min(ref.shape) - 1)))

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spatia.errors import ConfigError
-from spatia.expression import log_normalise
+from spatia.expression import log_normalise, median_library
 from spatia.mist.datasets import MultiScaleDataset, MultiScaleKey, collate_multiscale
 from spatia.mist.samplers import LocalizedBatchSampler
 
@@ -400,11 +400,10 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
     counts = np.stack(measured_counts)
     nonzero = (counts > 0).sum(axis=1)  # nonzero measured genes per cell
     cap = max(int(np.ceil(np.percentile(nonzero, TOKEN_CAP_PERCENTILE))), 1)
-    libraries = counts.sum(axis=1)
-    median_library = max(float(np.median(libraries[libraries > 0])), 1.0) if (libraries > 0).any() else 1.0
+    library = max(median_library(counts), 1.0)
     per_cell = torch.cat(measures).numpy()
     r2 = morphometry_expression_r2(per_cell, counts, seed=seed)
-    return DatasetStatistics(cap, median_library, float(mean), float(std), len(rows), per_cell.mean(axis=0),
+    return DatasetStatistics(cap, library, float(mean), float(std), len(rows), per_cell.mean(axis=0),
                              per_cell.std(axis=0), r2)
 
 
