@@ -75,6 +75,9 @@ class EvaluateConfig:
         impute_fraction: fraction of each cell's genes held out; impute_max_cells: test cells
         used; knn_k: neighbours of the kNN imputers; knn_prior_cells: weight (in cells) of the
         train mean profile their neighbour average is shrunk toward.
+        bootstrap_resamples: paired bootstrap resamples of the test units behind each verdict of
+            annotation and expression from morphology (cell and niche): SPATIA's row minus the
+            best baseline's, with its 95 % interval (`spatia.evaluate.bootstrap`); 0 skips it.
         layout: 2-D layout of each representation for the report's figure: "umap" (umap-learn;
             its numba compilation costs ~30-50 s once per process on 2 cores), "pca" (first two
             principal components, instant) or "none"; layout_max_cells: cells drawn.
@@ -127,6 +130,7 @@ class EvaluateConfig:
     impute_max_cells: int = 2000
     knn_k: int = 15
     knn_prior_cells: float = 15.0
+    bootstrap_resamples: int = 1000
     layout: str = "umap"
     layout_max_cells: int = 2000
     n_jobs: int = 1
@@ -176,6 +180,9 @@ class EvaluateConfig:
         if not 0.0 <= self.autoencoder_input_dropout < 1.0:
             raise ConfigError(f"'autoencoder_input_dropout' must be in [0, 1); got {self.autoencoder_input_dropout}",
                               fix="use e.g. 0.25")
+        if self.bootstrap_resamples < 0:
+            raise ConfigError(f"'bootstrap_resamples' must be >= 0; got {self.bootstrap_resamples}",
+                              fix="use e.g. 1000, or 0 to skip the paired bootstrap")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"unknown layout {self.layout!r}", fix=f"choose one of {list(LAYOUTS)}")
         if not self.leiden_resolutions or min(self.leiden_resolutions) <= 0:

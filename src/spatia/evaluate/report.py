@@ -62,10 +62,21 @@ def summary_figures(results: dict[str, Any]) -> dict[str, Any]:
     {"annotation": {label column: {representation: {"mlp_macro_f1", "logreg_macro_f1"}}},
      "clustering": {label column: {representation: {"leiden_best_ari", "leiden_label_free_ari",
      "kmeans_ari"}}}, "expression" / "patch_expression": {input: {"xgboost_pearson",
-     "ridge_pearson"}}, "imputation": {imputer: {"pearson", "pearson_per_gene"}}}; tasks that did
-    not run are left out.
+     "ridge_pearson"}}, "imputation": {imputer: {"pearson", "pearson_per_gene"}},
+     "comparisons": {"annotation:<label column>" / "expression" / "patch_expression": {"spatia",
+     "baseline", "metric", "difference", "interval", "n_test", "resolved"}}} (the paired bootstrap
+    of each verdict, `spatia.evaluate.bootstrap`); tasks that did not run are left out.
     """
-    out: dict[str, Any] = {"annotation": {}, "clustering": {}}
+    out: dict[str, Any] = {"annotation": {}, "clustering": {}, "comparisons": {}}
+
+    def comparison(key: str, entry: dict[str, Any]) -> None:
+        c = entry.get("comparison")
+        if c:
+            out["comparisons"][key] = {"spatia": c["spatia"], "baseline": c["baseline"], "metric": c["metric"],
+                                       "difference": round(c["difference"], 4),
+                                       "interval": [round(v, 4) for v in c["interval"]], "n_test": c["n_test"],
+                                       "resolved": c["resolved"]}
+
     by_label = results.get("by_label") or {results["dataset"]["label_column"]: results["tasks"]}
     for column, tasks in by_label.items():
         ann = tasks.get("annotation", {})
@@ -73,6 +84,7 @@ def summary_figures(results: dict[str, Any]) -> dict[str, Any]:
             out["annotation"][column] = {k: {"mlp_macro_f1": _mean(v["mlp"]["macro_f1"]),
                                              "logreg_macro_f1": _mean(v["logreg"]["macro_f1"])}
                                          for k, v in ann["results"].items()}
+            comparison(f"annotation:{column}", ann)
         clu = tasks.get("clustering", {})
         if clu.get("status") == "ok":
             out["clustering"][column] = {k: {"leiden_best_ari": _mean(v["leiden_best"]["ari"]),
@@ -84,6 +96,7 @@ def summary_figures(results: dict[str, Any]) -> dict[str, Any]:
         if entry.get("status") == "ok":
             out[task] = {k: {f"{m}_pearson": _mean(v[m]["pearson"]) for m in ("xgboost", "ridge")
                              if v[m].get("status") == "ok"} for k, v in entry["results"].items()}
+            comparison(task, entry)
     imp = results["tasks"].get("imputation", {})
     if imp.get("status") == "ok":
         out["imputation"] = {k: {"pearson": _mean(v["pearson"]), "pearson_per_gene": _mean(v["pearson_per_gene"])}

@@ -27,6 +27,7 @@ import pandas as pd
 from spatia.config import config_to_dict
 from spatia.console import progress
 from spatia.evaluate.baselines import Imputer
+from spatia.evaluate.bootstrap import HeldOutPredictions, paired_difference
 from spatia.evaluate.config import TASKS, EvaluateConfig
 from spatia.evaluate.crops import CellCrops, NicheCrops
 from spatia.evaluate.inputs import build_representations, embedded_cells, make_split, read_labels
@@ -40,6 +41,7 @@ from spatia.evaluate.tasks import (
     niche_image_features,
     patch_expression_task,
 )
+from spatia.evaluate.verdicts import verdict
 from spatia.expression import counts_from_anndata, log_normalise
 from spatia.keys import SPATIAL_KEY
 
@@ -77,9 +79,32 @@ def evaluate(adata, config: EvaluateConfig, *, crops: CellCrops | None = None, i
 
 
 def _label_summary(labels: np.ndarray) -> dict[str, Any]:
-    labelled = labels != None  # noqa: E711
-    return {"n_labelled": int(labelled.sum()), "n_labels": int(len(set(labels[labelled]))),
+    labelled = labels != None
+    return {"n_labelled": int(labelled.sum()), "n_labels": len(set(labels[labelled])),
             "label_counts": {str(k): int(v) for k, v in pd.Series(labels[labelled]).value_counts().items()}}
+
+
+MODEL_OF_METRIC = {"MLP macro-F1": "mlp", "XGBoost Pearson": "xgboost", "Ridge Pearson": "ridge"}
+
+
+def _with_comparison(task: str, entry: dict[str, Any], kept: dict[str, dict[str, HeldOutPredictions]],
+                     results: dict[str, Any], config: EvaluateConfig) -> dict[str, Any]:
+    """The task entry with ``comparison``: the paired bootstrap (`spatia.evaluate.bootstrap`) of the
+    verdict's SPATIA row against its best baseline row over the test units, when both rows kept
+    their predictions and `config.bootstrap_resamples` > 0."""
+    if config.bootstrap_resamples == 0 or entry.get("status") != "ok":
+        return entry
+    v = verdict(task, entry, results)
+    if v is None or v["spatia"] is None or v["baseline"] is None:
+        return entry
+    model = MODEL_OF_METRIC.get(v["metric"])
+    a = kept.get(v["spatia"]["key"], {}).get(model)
+    b = kept.get(v["baseline"]["key"], {}).get(model)
+    if a is None or b is None:
+        return entry
+    entry["comparison"] = {"spatia": v["spatia"]["key"], "baseline": v["baseline"]["key"], "metric": v["metric"],
+                           **paired_difference(a, b, config.bootstrap_resamples, config.seed)}
+    return entry
 
 
 def _evaluate(adata, config: EvaluateConfig, crops: CellCrops | None, imputer: Imputer | None,
@@ -150,14 +175,18 @@ def _evaluate(adata, config: EvaluateConfig, crops: CellCrops | None, imputer: I
             t0 = time.perf_counter()
             if task == "annotation":
                 for column, values in label_sets.items():
-                    results["by_label"][column][task] = annotation_task(reps, values, split, config, advance)
+                    kept: dict[str, dict[str, HeldOutPredictions]] = {}
+                    entry = annotation_task(reps, values, split, config, advance, keep=kept)
+                    results["by_label"][column][task] = _with_comparison(task, entry, kept, results, config)
             elif task == "clustering":
                 per_column, plots["clusters"], plots["clusters_rows"] = clustering_task(reps, label_sets, config,
                                                                                         advance)
                 for column, entry in per_column.items():
                     results["by_label"][column][task] = entry
             elif task == "expression":
-                results["tasks"][task] = expression_task(reps, log_expr, gene_names, split, config, advance)
+                kept = {}
+                entry = expression_task(reps, log_expr, gene_names, split, config, advance, keep=kept)
+                results["tasks"][task] = _with_comparison(task, entry, kept, results, config)
             elif task == "patch_expression":
                 features = None
                 if niche_crops is not None and "niche_morphology" in config.patch_inputs:
@@ -165,8 +194,10 @@ def _evaluate(adata, config: EvaluateConfig, crops: CellCrops | None, imputer: I
                     features = niche_image_features(niche_crops.images)
                     features.index = pd.Index(np.asarray(niche_crops.niche_ids).astype(str))
                     timings["niche_features"] = time.perf_counter() - t1
-                results["tasks"][task] = patch_expression_task(reps, counts, gene_names, niche_of_cell, split, config,
-                                                               features, advance)
+                kept = {}
+                entry = patch_expression_task(reps, counts, gene_names, niche_of_cell, split, config, features,
+                                              advance, keep=kept)
+                results["tasks"][task] = _with_comparison(task, entry, kept, results, config)
             elif task == "imputation":
                 results["tasks"][task] = imputation_task(counts, obs_names, split, reps, config, imputer, advance)
             if task in LABEL_TASKS:
@@ -176,7 +207,7 @@ def _evaluate(adata, config: EvaluateConfig, crops: CellCrops | None, imputer: I
         if config.layout != "none":
             bar.update(task_id, description=f"evaluate: {config.layout} layout")
             t0 = time.perf_counter()
-            rows = np.flatnonzero(labels != None)  # noqa: E711
+            rows = np.flatnonzero(labels != None)
             if rows.size > config.layout_max_cells:
                 rows = np.sort(np.random.default_rng(config.seed).choice(rows, size=config.layout_max_cells,
                                                                          replace=False))

@@ -13,7 +13,11 @@
 - ``baseline``: the best baseline row (PCA, count autoencoder, scVI, morphology features, ...);
 - ``difference`` = spatia mean - baseline mean, ``spread`` = the larger of the two seed stds
   (0 for deterministic models), ``within_spread`` = |difference| < spread, and
-  ``spatia_below_baseline`` = difference < 0.
+  ``spatia_below_baseline`` = difference < 0;
+- ``interval`` (95 % percentile interval of the difference over paired bootstrap resamples of
+  the test units), ``interval_n_test`` and ``resolved`` (the interval excludes 0): from the
+  task's ``comparison`` entry (`spatia.evaluate.bootstrap`) when it pairs the same two rows;
+  None otherwise (clustering, imputation, or the bootstrap was skipped).
 
 A row is {"key", "name", "mean", "std", "n_runs"}; a task with no SPATIA row or no baseline row
 has None there and no difference.
@@ -76,12 +80,18 @@ def verdict(task: str, task_results: dict[str, Any], results: dict[str, Any]) ->
     baseline = max(baselines, key=lambda r: r["mean"]) if baselines else None
     n_tied = sum(round(r["mean"], 3) == round(best["mean"], 3) for r in row.values()) - 1
     out: dict[str, Any] = {"task": task, "metric": metric, "best": best, "n_tied_with_best": n_tied,
-                           "spatia": spatia, "baseline": baseline, "difference": None, "spread": None, "within_spread": None, "spatia_below_baseline": None}
+                           "spatia": spatia, "baseline": baseline, "difference": None, "spread": None, "within_spread": None, "spatia_below_baseline": None,
+                           "interval": None, "interval_n_test": None, "resolved": None}
     if spatia is not None and baseline is not None:
         diff = spatia["mean"] - baseline["mean"]
         spread = max(spatia["std"], baseline["std"])
         out.update(difference=diff, spread=spread, within_spread=bool(abs(diff) < spread),
                    spatia_below_baseline=bool(diff < 0))
+        comparison = task_results.get("comparison")
+        if (comparison and comparison["spatia"] == spatia["key"] and comparison["baseline"] == baseline["key"]
+                and comparison.get("metric") == metric):
+            out.update(interval=list(comparison["interval"]), interval_n_test=comparison["n_test"],
+                       resolved=bool(comparison["resolved"]))
     return out
 
 
@@ -151,10 +161,17 @@ def headline(v: dict[str, Any]) -> tuple[str, str | None]:
         spread_text = f"within seed spread, ±{spread:.3f}"
     else:
         spread_text = f"seed spread ±{spread:.3f}"
+    interval_text = ""
+    if v.get("interval") is not None:
+        low, high = v["interval"]
+        interval_text = (f"; 95 % interval over {v['interval_n_test']} test units [{low:+.3f}, {high:+.3f}]"
+                         + ("" if v["resolved"] else ": the test set cannot tell them apart"))
     text += (f" {spatia['name']} {_stat_text(spatia)} vs best baseline {base['name']} {_stat_text(base)}: "
-             f"{diff:+.3f} ({spread_text}).")
+             f"{diff:+.3f} ({spread_text}{interval_text}).")
     warning = None
     if v["spatia_below_baseline"]:
+        qualifiers = [q for q, on in (("within seed spread", v["within_spread"]),
+                                      ("not resolved by the test set", v.get("resolved") is False)) if on]
         warning = (f"WARNING: {spatia['name']} is below the baseline {base['name']} on {title.replace('`', '')} "
-                   f"by {-diff:.3f}" + (" (within seed spread)." if v["within_spread"] else "."))
+                   f"by {-diff:.3f}" + (f" ({', '.join(qualifiers)})." if qualifiers else "."))
     return text, warning

@@ -10,21 +10,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spatia.evaluate.bootstrap import MACRO_F1, HeldOutPredictions
 from spatia.evaluate.config import EvaluateConfig
 from spatia.evaluate.metrics import skipped, stat, status_ok
 from spatia.keys import TEST, TRAIN
 
 
 def annotation_task(reps: dict[str, np.ndarray], labels: np.ndarray, split: np.ndarray,
-                    config: EvaluateConfig, advance=lambda: None) -> dict[str, Any]:
-    """MLP and logistic regression per representation; macro-F1, macro-precision, accuracy."""
+                    config: EvaluateConfig, advance=lambda: None,
+                    keep: dict[str, dict[str, HeldOutPredictions]] | None = None) -> dict[str, Any]:
+    """MLP and logistic regression per representation; macro-F1, macro-precision, accuracy.
+
+    keep: when given, keep[name]["mlp"] receives the MLPs' test predictions (one per seed), for
+    the paired bootstrap of `spatia.evaluate.bootstrap`."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score, precision_score
     from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
 
-    labelled = labels != None  # noqa: E711
+    labelled = labels != None
     train_counts = pd.Series(labels[labelled & (split == TRAIN)]).value_counts()
     kept = sorted(train_counts[train_counts >= config.min_class_train_cells].index)
     excluded = sorted(set(labels[labelled]) - set(kept))
@@ -50,6 +55,7 @@ def annotation_task(reps: dict[str, np.ndarray], labels: np.ndarray, split: np.n
         scaler = StandardScaler().fit(x[train])
         x_train, x_test = scaler.transform(x[train]), scaler.transform(x[test])
         per_seed: dict[str, list[float]] = {"macro_f1": [], "precision": [], "accuracy": []}
+        predictions = []
         for seed in config.seeds:
             mlp = MLPClassifier(hidden_layer_sizes=config.mlp_hidden, alpha=config.mlp_alpha, early_stopping=True,
                                 validation_fraction=0.1, n_iter_no_change=15, max_iter=config.mlp_max_iter,
@@ -57,8 +63,11 @@ def annotation_task(reps: dict[str, np.ndarray], labels: np.ndarray, split: np.n
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 mlp.fit(x_train, y_train)
-            for key, value in scores(mlp.predict(x_test)).items():
+            predictions.append(mlp.predict(x_test))
+            for key, value in scores(predictions[-1]).items():
                 per_seed[key].append(value)
+        if keep is not None:
+            keep[name] = {"mlp": HeldOutPredictions(MACRO_F1, y_test, predictions, test_classes)}
         logreg = LogisticRegression(C=config.logreg_c, max_iter=1000)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)

@@ -12,14 +12,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from spatia.evaluate.bootstrap import MEAN_PEARSON, HeldOutPredictions
 from spatia.evaluate.config import EvaluateConfig
 from spatia.evaluate.metrics import regression_scores, skipped, status_ok
 from spatia.keys import TEST, TRAIN
 
 
 def expression_task(reps: dict[str, np.ndarray], log_expr: sp.csr_matrix, gene_names: np.ndarray,
-                    split: np.ndarray, config: EvaluateConfig, advance=lambda: None) -> dict[str, Any]:
-    """Predict log-normalised HVG expression from image-only representations (XGBoost, ridge)."""
+                    split: np.ndarray, config: EvaluateConfig, advance=lambda: None,
+                    keep: dict[str, dict[str, HeldOutPredictions]] | None = None) -> dict[str, Any]:
+    """Predict log-normalised HVG expression from image-only representations (XGBoost, ridge).
+    keep: as `fit_and_score`'s, per input name."""
     inputs = [name for name in config.expression_inputs if name in reps]
     if not inputs:
         return skipped(f"none of the image-only inputs {list(config.expression_inputs)} is available "
@@ -29,17 +32,20 @@ def expression_task(reps: dict[str, np.ndarray], log_expr: sp.csr_matrix, gene_n
     y = log_expr[:, genes_idx].toarray()
     results = {}
     for name in inputs:
-        results[name] = fit_and_score(reps[name], y, train, test, config)
+        results[name] = fit_and_score(reps[name], y, train, test, config,
+                                      keep=None if keep is None else keep.setdefault(name, {}))
         advance()
     return status_ok(genes=gene_names[genes_idx].tolist(), n_train=int(train.sum()), n_test=int(test.sum()),
                      target="log1p(counts / total * median total)", results=results)
 
 
 def fit_and_score(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
-                  config: EvaluateConfig) -> dict[str, Any]:
+                  config: EvaluateConfig, keep: dict[str, HeldOutPredictions] | None = None) -> dict[str, Any]:
     """Ridge and XGBoost from standardised x to every column of y; scores on the test rows.
 
-    XGBoost sees at most config.xgb_max_train_cells train rows (a seeded subsample).
+    XGBoost sees at most config.xgb_max_train_cells train rows (a seeded subsample). keep: when
+    given, keep["ridge"] and keep["xgboost"] receive the test predictions, for the paired
+    bootstrap of `spatia.evaluate.bootstrap`.
     """
     from sklearn.linear_model import Ridge
     from sklearn.preprocessing import StandardScaler
@@ -59,7 +65,8 @@ def fit_and_score(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndar
     y_train, y_test = y[train], y[test]
     entry: dict[str, Any] = {}
     ridge = Ridge(alpha=config.ridge_alpha).fit(x_train, y_train)
-    entry["ridge"] = regression_scores(y_test, ridge.predict(x_test))
+    predictions = {"ridge": ridge.predict(x_test)}
+    entry["ridge"] = regression_scores(y_test, predictions["ridge"])
     if xgboost is None:
         entry["xgboost"] = skipped("xgboost is not installed")
     else:
@@ -67,8 +74,11 @@ def fit_and_score(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndar
                                      tree_method="hist", max_bin=config.xgb_max_bin, n_jobs=config.n_jobs,
                                      random_state=config.seed)
         model.fit(scaler.transform(x[xgb_rows]), y[xgb_rows])
-        entry["xgboost"] = regression_scores(y_test, model.predict(x_test).reshape(y_test.shape))
+        predictions["xgboost"] = model.predict(x_test).reshape(y_test.shape)
+        entry["xgboost"] = regression_scores(y_test, predictions["xgboost"])
         entry["xgboost"]["n_train"] = int(xgb_rows.size)
+    if keep is not None:
+        keep.update({model: HeldOutPredictions(MEAN_PEARSON, y_test, [p]) for model, p in predictions.items()})
     return entry
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from spatia.evaluate.bootstrap import HeldOutPredictions
 from spatia.evaluate.config import EvaluateConfig
 from spatia.evaluate.metrics import skipped, status_ok
 from spatia.evaluate.tasks.expression import fit_and_score, select_hvgs
@@ -97,13 +98,15 @@ def niche_image_features(images: np.ndarray) -> pd.DataFrame:
 
 def patch_expression_task(reps: dict[str, np.ndarray], counts: sp.csr_matrix, gene_names: np.ndarray,
                           niche_of_cell: np.ndarray | None, split: np.ndarray, config: EvaluateConfig,
-                          niche_features: pd.DataFrame | None = None, advance=lambda: None) -> dict[str, Any]:
+                          niche_features: pd.DataFrame | None = None, advance=lambda: None,
+                          keep: dict[str, dict[str, HeldOutPredictions]] | None = None) -> dict[str, Any]:
     """Predict each niche's pooled HVG expression from its image-only inputs (XGBoost, ridge).
 
     Args:
         niche_of_cell: (N,) niche ID of each cell (None / "" for none); None skips the task.
         niche_features: hand-made features of the niche images, indexed by niche ID (e.g.
             `niche_image_features` of the MIST niche crops); None leaves that input out.
+        keep: as `fit_and_score`'s, per input name (the test units are the test niches).
     """
     if niche_of_cell is None:
         return skipped(f"the AnnData has no obs column {config.niche_column!r} of niche IDs "
@@ -134,7 +137,8 @@ def patch_expression_task(reps: dict[str, np.ndarray], counts: sp.csr_matrix, ge
     y = pooled[:, genes_idx].toarray()
     results = {}
     for name, x in inputs.items():
-        results[name] = fit_and_score(x, y, train, test, config)
+        results[name] = fit_and_score(x, y, train, test, config,
+                                      keep=None if keep is None else keep.setdefault(name, {}))
         advance()
     cells_per_niche = np.bincount(rows[rows >= 0], minlength=n_niches)
     return status_ok(genes=gene_names[genes_idx].tolist(), n_niches=int(n_niches), n_train=int(train.sum()),

@@ -1,0 +1,165 @@
+"""The paired bootstrap behind the verdicts: weighted metrics against sklearn / per_column_corr on
+explicitly resampled rows, the interval's behaviour, and its place in `evaluate` and the headline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from spatia.evaluate.bootstrap import (
+    MACRO_F1,
+    MEAN_PEARSON,
+    HeldOutPredictions,
+    paired_difference,
+    resample_counts,
+    weighted_macro_f1,
+    weighted_mean_pearson,
+)
+from spatia.evaluate.metrics import per_column_corr
+
+FAST = {"n_seeds": 2, "leiden_resolutions": (0.5,), "xgb_estimators": 20, "mlp_hidden": (32,), "layout": "none",
+        "baselines": ("pca",)}
+
+
+def _labels(rng, n, classes=("a", "b", "c", "d")):
+    truth = rng.choice(classes, size=n)
+    pred = np.where(rng.random(n) < 0.6, truth, rng.choice(classes, size=n))
+    return truth, pred
+
+
+def test_resample_counts_draw_n_units_per_resample():
+    counts = resample_counts(50, 20, np.random.default_rng(0))
+    assert counts.shape == (20, 50)
+    np.testing.assert_array_equal(counts.sum(axis=1), 50)
+    assert (counts >= 0).all() and (counts == np.round(counts)).all()
+    np.testing.assert_array_equal(counts, resample_counts(50, 20, np.random.default_rng(0)))
+
+
+def test_weighted_macro_f1_is_sklearn_on_the_resampled_rows():
+    rng = np.random.default_rng(1)
+    truth, pred = _labels(rng, 120)
+    classes = ["a", "b", "c", "d", "e"]  # "e" never occurs: sklearn scores it 0 with zero_division=0
+    weights = resample_counts(120, 5, rng)
+    got = weighted_macro_f1(truth, pred, classes, np.vstack([np.ones(120), weights]))
+    assert got[0] == pytest.approx(f1_score(truth, pred, labels=classes, average="macro", zero_division=0))
+    for r, w in enumerate(weights, start=1):
+        rows = np.repeat(np.arange(120), w.astype(int))
+        want = f1_score(truth[rows], pred[rows], labels=classes, average="macro", zero_division=0)
+        assert got[r] == pytest.approx(want)
+
+
+def test_weighted_mean_pearson_is_per_column_corr_on_the_resampled_rows():
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=(80, 6))
+    pred = truth + rng.normal(scale=1.5, size=truth.shape)
+    truth[:, 5] = 3.0  # a constant gene is left out of the mean, as regression_scores does
+    weights = resample_counts(80, 4, rng)
+    got = weighted_mean_pearson(truth, pred, np.vstack([np.ones(80), weights]))
+    assert got[0] == pytest.approx(np.nanmean(per_column_corr(truth, pred)[0]))
+    for r, w in enumerate(weights, start=1):
+        rows = np.repeat(np.arange(80), w.astype(int))
+        assert got[r] == pytest.approx(np.nanmean(per_column_corr(truth[rows], pred[rows])[0]))
+
+
+def test_identical_rows_differ_by_exactly_zero():
+    rng = np.random.default_rng(3)
+    truth, pred = _labels(rng, 60)
+    a = HeldOutPredictions(MACRO_F1, truth, [pred, pred], ["a", "b", "c", "d"])
+    out = paired_difference(a, a, 200, seed=0)
+    assert out["difference"] == 0.0 and out["interval"] == [0.0, 0.0]
+    assert out["resolved"] is False and out["n_test"] == 60 and out["n_resamples"] == 200
+
+
+def test_a_real_lead_is_resolved_and_a_small_test_set_is_not():
+    rng = np.random.default_rng(4)
+    truth = rng.normal(size=(400, 10))
+    good = truth + rng.normal(scale=1.0, size=truth.shape)       # Pearson ~0.71 per gene
+    weak = truth + rng.normal(scale=2.0, size=truth.shape)       # ~0.45
+    lead = paired_difference(HeldOutPredictions(MEAN_PEARSON, truth, [good]),
+                             HeldOutPredictions(MEAN_PEARSON, truth, [weak]), 500, seed=0)
+    low, high = lead["interval"]
+    assert lead["resolved"] and 0 < low < lead["difference"] < high
+    assert lead["difference"] == pytest.approx(np.nanmean(per_column_corr(truth, good)[0])
+                                               - np.nanmean(per_column_corr(truth, weak)[0]))
+    # two equally good predictors on 30 units: the interval straddles 0
+    truth30 = truth[:30]
+    one = truth30 + rng.normal(scale=1.0, size=truth30.shape)
+    two = truth30 + rng.normal(scale=1.0, size=truth30.shape)
+    tie = paired_difference(HeldOutPredictions(MEAN_PEARSON, truth30, [one]),
+                            HeldOutPredictions(MEAN_PEARSON, truth30, [two]), 500, seed=0)
+    assert tie["interval"][0] < 0 < tie["interval"][1] and tie["resolved"] is False
+    again = paired_difference(HeldOutPredictions(MEAN_PEARSON, truth30, [one]),
+                              HeldOutPredictions(MEAN_PEARSON, truth30, [two]), 500, seed=0)
+    assert again == tie  # seeded
+
+
+def test_rows_must_share_metric_and_units():
+    truth = np.zeros((10, 2))
+    with pytest.raises(ValueError):
+        paired_difference(HeldOutPredictions(MEAN_PEARSON, truth, [truth]),
+                          HeldOutPredictions(MEAN_PEARSON, truth[:5], [truth[:5]]), 10, seed=0)
+
+
+def test_evaluate_pairs_the_verdict_rows_and_the_headline_reports_the_interval():
+    from spatia.evaluate import EvaluateConfig, evaluate
+    from spatia.evaluate.report import summary_figures
+    from spatia.evaluate.synthetic import synthetic_evaluation_data
+    from spatia.evaluate.verdicts import headline, task_verdicts
+
+    adata, crops = synthetic_evaluation_data(400, n_genes=40, n_types=3, seed=5)
+    config = EvaluateConfig(labels="cell_type", embeddings=("X_spatia", "X_spatia_image"),
+                            **{**FAST, "tasks": ("annotation", "expression"), "bootstrap_resamples": 300})
+    results = evaluate(adata, config, crops=crops)
+    verdicts = task_verdicts(results)
+    for task in ("annotation", "expression"):
+        comparison = results["tasks"][task]["comparison"]
+        v = verdicts[task]
+        assert (comparison["spatia"], comparison["baseline"]) == (v["spatia"]["key"], v["baseline"]["key"])
+        assert comparison["difference"] == pytest.approx(v["difference"], abs=1e-6)  # XGBoost predicts float32
+        assert comparison["n_test"] == results["tasks"][task]["n_test"] and comparison["n_resamples"] == 300
+        low, high = v["interval"]
+        assert low <= v["difference"] <= high
+        assert "95 % interval over" in headline(v)[0]
+    summary = summary_figures(results)["comparisons"]
+    assert set(summary) == {"annotation:cell_type", "expression"}
+    assert summary["expression"]["interval"] == [round(x, 4) for x in results["tasks"]["expression"]["comparison"]["interval"]]
+    skipped = evaluate(adata, EvaluateConfig(labels="cell_type", embeddings=("X_spatia",),
+                                             **{**FAST, "tasks": ("annotation",), "bootstrap_resamples": 0}))
+    assert "comparison" not in skipped["tasks"]["annotation"]
+    assert task_verdicts(skipped)["annotation"]["interval"] is None
+
+
+def _stat(mean):
+    return {"mean": mean, "std": 0.01, "values": [mean, mean], "n_runs": 2, "deterministic": False}
+
+
+@pytest.mark.parametrize("interval, resolved", [([-0.06, 0.03], False), ([-0.05, -0.01], True)])
+def test_headline_says_whether_the_test_set_resolves_the_difference(interval, resolved):
+    from spatia.evaluate.verdicts import headline, task_verdicts
+
+    def entry(mean):
+        return {m: {k: _stat(mean) for k in ("macro_f1", "precision", "accuracy")} for m in ("mlp", "logreg")}
+
+    ann = {"status": "ok", "results": {"X_spatia": entry(0.70), "pca": entry(0.73)},
+           "comparison": {"spatia": "X_spatia", "baseline": "pca", "metric": "MLP macro-F1", "difference": -0.03,
+                          "interval": interval, "n_test": 50, "resolved": resolved}}
+    results = {"dataset": {"label_column": "type"}, "tasks": {"annotation": ann},
+               "embeddings": {"X_spatia": {"name": "SPATIA (unified)"}, "pca": {"name": "PCA"}}}
+    v = task_verdicts(results)["annotation"]
+    assert v["interval"] == interval and v["interval_n_test"] == 50 and v["resolved"] is resolved
+    text, warning = headline(v)
+    assert f"95 % interval over 50 test units [{interval[0]:+.3f}, {interval[1]:+.3f}]" in text
+    assert ("cannot tell them apart" in text) is (not resolved)
+    assert ("not resolved by the test set" in warning) is (not resolved)
+    # a comparison of other rows (e.g. from an older verdict rule) is not attached
+    ann["comparison"]["baseline"] = "scvi"
+    assert task_verdicts(results)["annotation"]["interval"] is None
+
+
+def test_negative_resamples_are_refused():
+    from spatia.errors import ConfigError
+    from spatia.evaluate import EvaluateConfig
+
+    with pytest.raises(ConfigError, match="bootstrap_resamples"):
+        EvaluateConfig(labels="cell_type", bootstrap_resamples=-1)
