@@ -172,6 +172,16 @@ def test_statistics_refuse_a_dataset_without_train_cells(tmp_path, simulated_mis
         dataset_statistics(_copy_without_train(simulated_mist, tmp_path))
 
 
+def test_pretrain_refuses_a_dataset_without_train_cells_before_writing(tmp_path, simulated_mist):
+    from spatia.train import pretrain
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no train cell to pretrain on") as error:
+        pretrain(_copy_without_train(simulated_mist, tmp_path), out, train_overrides={"max_steps": 1})
+    assert "another --seed" in str(error.value) and "split_buffer_um" in str(error.value)
+    assert not out.exists()
+
+
 def _copy_without_train(root, tmp_path):
     """A copy of a MIST dataset whose cell index has no train cells."""
     import shutil

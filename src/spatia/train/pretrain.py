@@ -173,6 +173,28 @@ def apply_train_overrides(config: SpatiaConfig, overrides: dict[str, Any] | None
     return updated
 
 
+def _require_train_cells(root: Path) -> None:
+    """Refuse a dataset whose split leaves no train cell to draw, before anything is measured or
+    written: on a section of a few tissue regions the spatial split's train blocks can lie wholly
+    within `split_buffer_um` of the held-out blocks (docs/mist.md, splits)."""
+    from spatia.mist.store import read_manifest
+    from spatia.train.data import split_has_cells
+
+    if split_has_cells(root, "train"):
+        return
+    manifest = read_manifest(root)
+    splits = manifest.get("splits", {})
+    builder = manifest.get("builder_config", {})
+    raise ConfigError(
+        f"the dataset has no train cell to pretrain on (cells by split: {splits.get('cell', {})}; tissue regions: "
+        f"{splits.get('tissue', {})}); its spatial split (seed {manifest.get('seed')}) put every train cell within "
+        f"split_buffer_um = {builder.get('split_buffer_um')} um of a val or test block, or gave train no block",
+        path=root,
+        fix="rebuild the dataset with another --seed (another draw of blocks) or a smaller --split-buffer-um; "
+            "a dataset without train cells can still be embedded with a pretrained model (spatia embed)",
+    )
+
+
 def _dataset_checks(root: Path, config: SpatiaConfig) -> list[str]:
     """The dataset's genes, after checking its image sizes against the config."""
     from spatia.mist.store import read_manifest
@@ -339,6 +361,8 @@ def pretrain(
     elif not out_dir.is_dir():
         raise ConfigError("the run directory to resume does not exist", path=out_dir,
                           fix="give the -o directory of the interrupted run")
+
+    _require_train_cells(dataset)
 
     # ---- config, stage and starting weights
     initial_state = None
