@@ -112,21 +112,29 @@ def test_evaluate_pairs_the_verdict_rows_and_the_headline_reports_the_interval()
                             **{**FAST, "tasks": ("annotation", "expression"), "bootstrap_resamples": 300})
     results = evaluate(adata, config, crops=crops)
     verdicts = task_verdicts(results)
-    for task in ("annotation", "expression"):
-        comparison = results["tasks"][task]["comparison"]
-        v = verdicts[task]
-        assert (comparison["spatia"], comparison["baseline"]) == (v["spatia"]["key"], v["baseline"]["key"])
+    assert set(verdicts) == {"annotation", "annotation_image_only", "expression"}
+    assert (verdicts["annotation_image_only"]["spatia"]["key"], verdicts["annotation_image_only"]["baseline"]["key"]) \
+        == ("X_spatia_image", "morphology")
+    for name, task in (("annotation", "annotation"), ("annotation_image_only", "annotation"),
+                       ("expression", "expression")):
+        v = verdicts[name]
+        entry = results["tasks"][task]
+        comparison = next(c for c in entry["comparisons"]
+                          if (c["spatia"], c["baseline"]) == (v["spatia"]["key"], v["baseline"]["key"]))
         assert comparison["difference"] == pytest.approx(v["difference"], abs=1e-6)  # XGBoost predicts float32
-        assert comparison["n_test"] == results["tasks"][task]["n_test"] and comparison["n_resamples"] == 300
+        assert comparison["n_test"] == entry["n_test"] and comparison["n_resamples"] == 300
         low, high = v["interval"]
-        assert low <= v["difference"] <= high
+        assert low <= v["difference"] <= high and v["interval_n_test"] == entry["n_test"]
         assert "95 % interval over" in headline(v)[0]
+    text = headline(verdicts["annotation_image_only"])[0]
+    assert text.startswith("Cell annotation from the image alone (`cell_type`), MLP macro-F1") and "vs hand-made Morph" in text
     summary = summary_figures(results)["comparisons"]
-    assert set(summary) == {"annotation:cell_type", "expression"}
-    assert summary["expression"]["interval"] == [round(x, 4) for x in results["tasks"]["expression"]["comparison"]["interval"]]
+    assert set(summary) == {"annotation:cell_type", "expression"} and len(summary["annotation:cell_type"]) == 2
+    assert summary["expression"][0]["interval"] == [round(x, 4) for x in
+                                                    results["tasks"]["expression"]["comparisons"][0]["interval"]]
     skipped = evaluate(adata, EvaluateConfig(labels="cell_type", embeddings=("X_spatia",),
                                              **{**FAST, "tasks": ("annotation",), "bootstrap_resamples": 0}))
-    assert "comparison" not in skipped["tasks"]["annotation"]
+    assert "comparisons" not in skipped["tasks"]["annotation"]
     assert task_verdicts(skipped)["annotation"]["interval"] is None
 
 
@@ -142,8 +150,8 @@ def test_headline_says_whether_the_test_set_resolves_the_difference(interval, re
         return {m: {k: _stat(mean) for k in ("macro_f1", "precision", "accuracy")} for m in ("mlp", "logreg")}
 
     ann = {"status": "ok", "results": {"X_spatia": entry(0.70), "pca": entry(0.73)},
-           "comparison": {"spatia": "X_spatia", "baseline": "pca", "metric": "MLP macro-F1", "difference": -0.03,
-                          "interval": interval, "n_test": 50, "resolved": resolved}}
+           "comparisons": [{"spatia": "X_spatia", "baseline": "pca", "metric": "MLP macro-F1", "difference": -0.03,
+                            "interval": interval, "n_test": 50, "resolved": resolved}]}
     results = {"dataset": {"label_column": "type"}, "tasks": {"annotation": ann},
                "embeddings": {"X_spatia": {"name": "SPATIA (unified)"}, "pca": {"name": "PCA"}}}
     v = task_verdicts(results)["annotation"]
@@ -153,7 +161,7 @@ def test_headline_says_whether_the_test_set_resolves_the_difference(interval, re
     assert ("cannot tell them apart" in text) is (not resolved)
     assert ("not resolved by the test set" in warning) is (not resolved)
     # a comparison of other rows (e.g. from an older verdict rule) is not attached
-    ann["comparison"]["baseline"] = "scvi"
+    ann["comparisons"][0]["baseline"] = "scvi"
     assert task_verdicts(results)["annotation"]["interval"] is None
 
 

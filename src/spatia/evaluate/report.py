@@ -63,19 +63,18 @@ def summary_figures(results: dict[str, Any]) -> dict[str, Any]:
      "clustering": {label column: {representation: {"leiden_best_ari", "leiden_label_free_ari",
      "kmeans_ari"}}}, "expression" / "patch_expression": {input: {"xgboost_pearson",
      "ridge_pearson"}}, "imputation": {imputer: {"pearson", "pearson_per_gene"}},
-     "comparisons": {"annotation:<label column>" / "expression" / "patch_expression": {"spatia",
-     "baseline", "metric", "difference", "interval", "n_test", "resolved"}}} (the paired bootstrap
-    of each verdict, `spatia.evaluate.bootstrap`); tasks that did not run are left out.
+     "comparisons": {"annotation:<label column>" / "expression" / "patch_expression": [{"spatia",
+     "baseline", "metric", "difference", "interval", "n_test", "resolved"}]}} (the paired
+    bootstrap of each verdict, `spatia.evaluate.bootstrap`); tasks that did not run are left out.
     """
     out: dict[str, Any] = {"annotation": {}, "clustering": {}, "comparisons": {}}
 
     def comparison(key: str, entry: dict[str, Any]) -> None:
-        c = entry.get("comparison")
-        if c:
-            out["comparisons"][key] = {"spatia": c["spatia"], "baseline": c["baseline"], "metric": c["metric"],
-                                       "difference": round(c["difference"], 4),
-                                       "interval": [round(v, 4) for v in c["interval"]], "n_test": c["n_test"],
-                                       "resolved": c["resolved"]}
+        for c in entry.get("comparisons", []):
+            out["comparisons"].setdefault(key, []).append(
+                {"spatia": c["spatia"], "baseline": c["baseline"], "metric": c["metric"],
+                 "difference": round(c["difference"], 4), "interval": [round(v, 4) for v in c["interval"]],
+                 "n_test": c["n_test"], "resolved": c["resolved"]})
 
     by_label = results.get("by_label") or {results["dataset"]["label_column"]: results["tasks"]}
     for column, tasks in by_label.items():

@@ -41,7 +41,7 @@ from spatia.evaluate.tasks import (
     niche_image_features,
     patch_expression_task,
 )
-from spatia.evaluate.verdicts import verdict
+from spatia.evaluate.verdicts import verdict_pairs
 from spatia.expression import counts_from_anndata, log_normalise
 from spatia.keys import SPATIAL_KEY
 
@@ -89,21 +89,21 @@ MODEL_OF_METRIC = {"MLP macro-F1": "mlp", "XGBoost Pearson": "xgboost", "Ridge P
 
 def _with_comparison(task: str, entry: dict[str, Any], kept: dict[str, dict[str, HeldOutPredictions]],
                      results: dict[str, Any], config: EvaluateConfig) -> dict[str, Any]:
-    """The task entry with ``comparison``: the paired bootstrap (`spatia.evaluate.bootstrap`) of the
-    verdict's SPATIA row against its best baseline row over the test units, when both rows kept
-    their predictions and `config.bootstrap_resamples` > 0."""
+    """The task entry with ``comparisons``: the paired bootstrap (`spatia.evaluate.bootstrap`) of
+    each verdict's two rows (`verdict_pairs`: SPATIA against its best baseline; on annotation
+    also the image-only row against the hand-made features) over the test units, for the pairs
+    whose rows kept their predictions, unless `config.bootstrap_resamples` is 0."""
     if config.bootstrap_resamples == 0 or entry.get("status") != "ok":
         return entry
-    v = verdict(task, entry, results)
-    if v is None or v["spatia"] is None or v["baseline"] is None:
-        return entry
-    model = MODEL_OF_METRIC.get(v["metric"])
-    a = kept.get(v["spatia"]["key"], {}).get(model)
-    b = kept.get(v["baseline"]["key"], {}).get(model)
-    if a is None or b is None:
-        return entry
-    entry["comparison"] = {"spatia": v["spatia"]["key"], "baseline": v["baseline"]["key"], "metric": v["metric"],
-                           **paired_difference(a, b, config.bootstrap_resamples, config.seed)}
+    comparisons = []
+    for spatia, baseline, metric in verdict_pairs(task, entry, results):
+        model = MODEL_OF_METRIC.get(metric)
+        a, b = kept.get(spatia, {}).get(model), kept.get(baseline, {}).get(model)
+        if a is not None and b is not None:
+            comparisons.append({"spatia": spatia, "baseline": baseline, "metric": metric,
+                                **paired_difference(a, b, config.bootstrap_resamples, config.seed)})
+    if comparisons:
+        entry["comparisons"] = comparisons
     return entry
 
 

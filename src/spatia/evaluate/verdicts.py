@@ -16,8 +16,12 @@
   ``spatia_below_baseline`` = difference < 0;
 - ``interval`` (95 % percentile interval of the difference over paired bootstrap resamples of
   the test units), ``interval_n_test`` and ``resolved`` (the interval excludes 0): from the
-  task's ``comparison`` entry (`spatia.evaluate.bootstrap`) when it pairs the same two rows;
+  task entry's ``comparisons`` (`spatia.evaluate.bootstrap`) when one pairs the same two rows;
   None otherwise (clustering, imputation, or the bootstrap was skipped).
+
+Annotation has a second verdict per label column, ``annotation_image_only``, with ``title``
+`IMAGE_ONLY_TITLE`: SPATIA's image-only row (`X_spatia_image_cell`, else `X_spatia_image`)
+against the hand-made morphology features, when both rows ran (`image_only_pair`).
 
 A row is {"key", "name", "mean", "std", "n_runs"}; a task with no SPATIA row or no baseline row
 has None there and no difference.
@@ -34,6 +38,7 @@ BASELINE_KEYS = ("pca", "autoencoder", "scvi", "morphology", "pca+morphology", "
                  "knn_pca+morphology")
 # SPATIA's row per task, first present wins: the unified embedding; for imputation the gene decoder,
 # then kNN on SPATIA; for expression from morphology (genes cannot be inputs) the image-only ones.
+IMAGE_ONLY_KEYS = (X_SPATIA_IMAGE_CELL, X_SPATIA_IMAGE)  # the image-only annotation verdict's row, first present
 SPATIA_PREFERENCE = (X_SPATIA, "model", f"knn_{X_SPATIA}", X_SPATIA_IMAGE_CELL, X_SPATIA_IMAGE, "X_spatia_image_niche",
                      f"knn_{X_SPATIA_IMAGE}", X_SPATIA_GENE, f"knn_{X_SPATIA_GENE}")
 
@@ -61,8 +66,11 @@ def _row(key: str, name: str, stat: dict[str, Any]) -> dict[str, Any]:
             "n_runs": int(stat.get("n_runs", 1))}
 
 
-def verdict(task: str, task_results: dict[str, Any], results: dict[str, Any]) -> dict[str, Any] | None:
-    """The verdict of one task entry (status ok); None when no row has a value."""
+def verdict(task: str, task_results: dict[str, Any], results: dict[str, Any],
+            pair: tuple[str, str] | None = None) -> dict[str, Any] | None:
+    """The verdict of one task entry (status ok); None when no row has a value. pair: (SPATIA row,
+    baseline row) to compare instead of the preferred SPATIA row and the best baseline (both
+    must have the metric's value, else None)."""
     rows = {}
     for key, entry in task_results["results"].items():
         label, stat = _metric_of(task, entry)
@@ -74,27 +82,59 @@ def verdict(task: str, task_results: dict[str, Any], results: dict[str, Any]) ->
     metric = max(labels, key=labels.count)  # compare like with like (expression: XGBoost unless it did not run)
     row = {k: _row(k, row_name(results, k), stat) for k, (label, stat) in rows.items() if label == metric}
     best = max(row.values(), key=lambda r: r["mean"])
-    spatia = next((row[k] for k in SPATIA_PREFERENCE if k in row),
-                  next((r for k, r in row.items() if k.startswith(("X_spatia", "knn_X_spatia"))), None))
-    baselines = [r for k, r in row.items() if k in BASELINE_KEYS]
-    baseline = max(baselines, key=lambda r: r["mean"]) if baselines else None
+    if pair is not None:
+        if pair[0] not in row or pair[1] not in row:
+            return None
+        spatia, baseline = row[pair[0]], row[pair[1]]
+    else:
+        spatia = next((row[k] for k in SPATIA_PREFERENCE if k in row),
+                      next((r for k, r in row.items() if k.startswith(("X_spatia", "knn_X_spatia"))), None))
+        baselines = [r for k, r in row.items() if k in BASELINE_KEYS]
+        baseline = max(baselines, key=lambda r: r["mean"]) if baselines else None
     n_tied = sum(round(r["mean"], 3) == round(best["mean"], 3) for r in row.values()) - 1
     out: dict[str, Any] = {"task": task, "metric": metric, "best": best, "n_tied_with_best": n_tied,
-                           "spatia": spatia, "baseline": baseline, "difference": None, "spread": None, "within_spread": None, "spatia_below_baseline": None,
+                           "spatia": spatia, "baseline": baseline, "difference": None, "spread": None,
+                           "within_spread": None, "spatia_below_baseline": None,
                            "interval": None, "interval_n_test": None, "resolved": None}
     if spatia is not None and baseline is not None:
         diff = spatia["mean"] - baseline["mean"]
         spread = max(spatia["std"], baseline["std"])
         out.update(difference=diff, spread=spread, within_spread=bool(abs(diff) < spread),
                    spatia_below_baseline=bool(diff < 0))
-        comparison = task_results.get("comparison")
-        if (comparison and comparison["spatia"] == spatia["key"] and comparison["baseline"] == baseline["key"]
-                and comparison.get("metric") == metric):
-            out.update(interval=list(comparison["interval"]), interval_n_test=comparison["n_test"],
-                       resolved=bool(comparison["resolved"]))
+        for comparison in task_results.get("comparisons", []):
+            if (comparison["spatia"], comparison["baseline"], comparison["metric"]) == (spatia["key"], baseline["key"],
+                                                                                      metric):
+                out.update(interval=list(comparison["interval"]), interval_n_test=comparison["n_test"],
+                           resolved=bool(comparison["resolved"]))
     return out
 
 
+def image_only_pair(task: str, task_results: dict[str, Any]) -> tuple[str, str] | None:
+    """(SPATIA image-only row, "morphology") for annotation when both rows are present: does the
+    image branch know what hand-made features know? None otherwise."""
+    if task != "annotation":
+        return None
+    keys = task_results.get("results", {})
+    image = next((k for k in IMAGE_ONLY_KEYS if k in keys), None)
+    return (image, "morphology") if image is not None and "morphology" in keys else None
+
+
+def verdict_pairs(task: str, task_results: dict[str, Any], results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(SPATIA row, baseline row, metric) of every verdict `task_verdicts` draws from this entry."""
+    candidates = [verdict(task, task_results, results)]
+    pair = image_only_pair(task, task_results)
+    if pair is not None:
+        candidates.append(verdict(task, task_results, results, pair=pair))
+    out: list[tuple[str, str, str]] = []
+    for v in candidates:
+        if v is not None and v["spatia"] is not None and v["baseline"] is not None:
+            item = (v["spatia"]["key"], v["baseline"]["key"], v["metric"])
+            if item not in out:
+                out.append(item)
+    return out
+
+
+IMAGE_ONLY_TITLE = "Cell annotation from the image alone"
 TASK_TITLES = {"annotation": "Cell annotation", "clustering": "Clustering", "expression": "Expression from morphology",
                "patch_expression": "Niche expression from the niche image", "imputation": "Gene imputation"}
 
@@ -123,11 +163,17 @@ def task_verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for task in ("annotation", "clustering"):
         for column, tasks in by_label.items():
             entry = tasks.get(task, {})
-            if entry.get("status") == "ok":
-                v = verdict(task, entry, results)
-                if v is not None:
-                    v["label_column"] = column
-                    out[f"{task}:{column}" if several else task] = v
+            if entry.get("status") != "ok":
+                continue
+            v = verdict(task, entry, results)
+            if v is not None:
+                v["label_column"] = column
+                out[f"{task}:{column}" if several else task] = v
+            pair = image_only_pair(task, entry)
+            v = verdict(task, entry, results, pair=pair) if pair is not None else None
+            if v is not None:
+                v.update(label_column=column, title=IMAGE_ONLY_TITLE)
+                out[f"{task}_image_only:{column}" if several else f"{task}_image_only"] = v
     for task in ("expression", "patch_expression", "imputation"):
         entry = results["tasks"].get(task, {})
         if entry.get("status") == "ok":
@@ -145,7 +191,7 @@ def _stat_text(row: dict[str, Any]) -> str:
 
 def headline(v: dict[str, Any]) -> tuple[str, str | None]:
     """(headline sentence, warning sentence or None) of one verdict, plain text."""
-    title = TASK_TITLES[v["task"]] + (f" (`{v['label_column']}`)" if v.get("label_column") else "")
+    title = v.get("title", TASK_TITLES[v["task"]]) + (f" (`{v['label_column']}`)" if v.get("label_column") else "")
     tied = v.get("n_tied_with_best", 0)
     text = (f"{title}, {v['metric']}: best is {v['best']['name']} ({_stat_text(v['best'])}"
             + (f", tied with {tied} other{'s' if tied > 1 else ''} at 3 decimals" if tied else "") + ").")
@@ -154,6 +200,7 @@ def headline(v: dict[str, Any]) -> tuple[str, str | None]:
         return text + " No SPATIA representation in this task.", None
     if base is None:
         return text + f" {spatia['name']}: {_stat_text(spatia)}; no baseline in this task.", None
+    against = "hand-made" if v.get("title") == IMAGE_ONLY_TITLE else "best baseline"
     diff, spread = v["difference"], v["spread"]
     if max(spatia["n_runs"], base["n_runs"]) <= 1:
         spread_text = "one fit each, no seed spread"
@@ -166,7 +213,7 @@ def headline(v: dict[str, Any]) -> tuple[str, str | None]:
         low, high = v["interval"]
         interval_text = (f"; 95 % interval over {v['interval_n_test']} test units [{low:+.3f}, {high:+.3f}]"
                          + ("" if v["resolved"] else ": the test set cannot tell them apart"))
-    text += (f" {spatia['name']} {_stat_text(spatia)} vs best baseline {base['name']} {_stat_text(base)}: "
+    text += (f" {spatia['name']} {_stat_text(spatia)} vs {against} {base['name']} {_stat_text(base)}: "
              f"{diff:+.3f} ({spread_text}{interval_text}).")
     warning = None
     if v["spatia_below_baseline"]:
