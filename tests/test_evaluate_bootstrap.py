@@ -115,6 +115,7 @@ def test_evaluate_pairs_the_verdict_rows_and_the_headline_reports_the_interval()
     assert set(verdicts) == {"annotation", "annotation_image_only", "expression"}
     assert (verdicts["annotation_image_only"]["spatia"]["key"], verdicts["annotation_image_only"]["baseline"]["key"]) \
         == ("X_spatia_image", "morphology")
+    assert verdicts["annotation_image_only"]["best"]["key"] in ("X_spatia_image", "morphology")  # image rows only
     for name, task in (("annotation", "annotation"), ("annotation_image_only", "annotation"),
                        ("expression", "expression")):
         v = verdicts[name]

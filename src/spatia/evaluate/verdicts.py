@@ -70,7 +70,8 @@ def verdict(task: str, task_results: dict[str, Any], results: dict[str, Any],
             pair: tuple[str, str] | None = None) -> dict[str, Any] | None:
     """The verdict of one task entry (status ok); None when no row has a value. pair: (SPATIA row,
     baseline row) to compare instead of the preferred SPATIA row and the best baseline (both
-    must have the metric's value, else None)."""
+    must have the metric's value, else None); "best" is then the best of the rows of the
+    pair's kind (image-only rows and hand-made features for `image_only_pair`)."""
     rows = {}
     for key, entry in task_results["results"].items():
         label, stat = _metric_of(task, entry)
@@ -81,16 +82,17 @@ def verdict(task: str, task_results: dict[str, Any], results: dict[str, Any],
     labels = [label for label, _ in rows.values()]
     metric = max(labels, key=labels.count)  # compare like with like (expression: XGBoost unless it did not run)
     row = {k: _row(k, row_name(results, k), stat) for k, (label, stat) in rows.items() if label == metric}
-    best = max(row.values(), key=lambda r: r["mean"])
     if pair is not None:
         if pair[0] not in row or pair[1] not in row:
             return None
         spatia, baseline = row[pair[0]], row[pair[1]]
+        row = {k: r for k, r in row.items() if k == pair[1] or k.startswith(X_SPATIA_IMAGE)}
     else:
         spatia = next((row[k] for k in SPATIA_PREFERENCE if k in row),
                       next((r for k, r in row.items() if k.startswith(("X_spatia", "knn_X_spatia"))), None))
         baselines = [r for k, r in row.items() if k in BASELINE_KEYS]
         baseline = max(baselines, key=lambda r: r["mean"]) if baselines else None
+    best = max(row.values(), key=lambda r: r["mean"])
     n_tied = sum(round(r["mean"], 3) == round(best["mean"], 3) for r in row.values()) - 1
     out: dict[str, Any] = {"task": task, "metric": metric, "best": best, "n_tied_with_best": n_tied,
                            "spatia": spatia, "baseline": baseline, "difference": None, "spread": None,
