@@ -103,6 +103,16 @@ def test_a_build_that_keeps_no_cell_is_always_refused(simulated_bundle, tmp_path
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_blocks_split_without_train_cells_is_built_with_a_warning(simulated_bundle, tmp_path, caplog):
+    """Every train cell within the buffer of a held-out block: the dataset is still written (it can
+    be embedded with a pretrained model); the build warns, and `spatia pretrain` refuses it
+    (tests/test_train_data.py)."""
+    with caplog.at_level("WARNING", logger="spatia.mist.build.run"):
+        summary = build_dataset([simulated_bundle], tmp_path / "a", BuildConfig.cpu(split_buffer_um=1e6), seed=0)
+    assert "leaves no train cell" in caplog.text and "another --seed" in caplog.text
+    assert summary.splits["cell"].get("train", 0) == 0 and summary.n_cells > 0
+
+
 def test_dataset_info_of_a_slide_that_kept_no_cell_formats(simulated_bundle, tmp_path):
     """Two slides, the second keeping no cell (accepted): `spatia dataset-info` prints, JSON too."""
     from typer.testing import CliRunner

@@ -40,7 +40,7 @@ from spatia.arrays import release_unused_memory
 from spatia.config import config_to_dict
 from spatia.console import progress
 from spatia.errors import InputDataError, OutputWriteError, SpatiaError
-from spatia.keys import LEVELS, SPLIT_CODES, SPLIT_NAMES
+from spatia.keys import LEVELS, SPLIT_CODES, SPLIT_NAMES, TRAIN
 from spatia.mist.build.checks import check_kept_cells, check_slide_inputs
 from spatia.mist.build.ids import chunk_key
 from spatia.mist.build.index import concat_parts, region_index_tables, write_cell_index
@@ -270,6 +270,12 @@ def _build(sources, out_dir, config, seed, workers, on_chunk_done, first_slide, 
             path=Path(infos[0]["source"]) if len(infos) == 1 else None,
             fix="see the skip reasons in docs/mist.md; an empty dataset is never written",
         )
+    if config.split_mode == "blocks" and not any(e["splits"]["cell"].get(TRAIN, 0) for e in slide_entries):
+        # still a valid dataset to embed with a pretrained model; `spatia pretrain` refuses it
+        log.warning("the spatial split (seed %d) leaves no train cell: every train cell lies within "
+                    "split_buffer_um = %g um of a val or test block; the dataset can be embedded but not "
+                    "pretrained on (build again with another --seed or a smaller --split-buffer-um)",
+                    seed, config.split_buffer_um)
     manifest = _finalise(out_dir, config, seed, vocabulary_list, slide_entries)
     return _summary(out_dir, manifest, rendered, resumed, started)
 
