@@ -79,8 +79,8 @@ def evaluate(adata, config: EvaluateConfig, *, crops: CellCrops | None = None, i
 
 
 def _label_summary(labels: np.ndarray) -> dict[str, Any]:
-    labelled = labels != None
-    return {"n_labelled": int(labelled.sum()), "n_labels": len(set(labels[labelled])),
+    labelled = labels != None  # noqa: E711
+    return {"n_labelled": int(labelled.sum()), "n_labels": int(len(set(labels[labelled]))),
             "label_counts": {str(k): int(v) for k, v in pd.Series(labels[labelled]).value_counts().items()}}
 
 
@@ -207,7 +207,7 @@ def _evaluate(adata, config: EvaluateConfig, crops: CellCrops | None, imputer: I
         if config.layout != "none":
             bar.update(task_id, description=f"evaluate: {config.layout} layout")
             t0 = time.perf_counter()
-            rows = np.flatnonzero(labels != None)
+            rows = np.flatnonzero(labels != None)  # noqa: E711
             if rows.size > config.layout_max_cells:
                 rows = np.sort(np.random.default_rng(config.seed).choice(rows, size=config.layout_max_cells,
                                                                          replace=False))

@@ -29,7 +29,7 @@ def annotation_task(reps: dict[str, np.ndarray], labels: np.ndarray, split: np.n
     from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
 
-    labelled = labels != None
+    labelled = labels != None  # noqa: E711
     train_counts = pd.Series(labels[labelled & (split == TRAIN)]).value_counts()
     kept = sorted(train_counts[train_counts >= config.min_class_train_cells].index)
     excluded = sorted(set(labels[labelled]) - set(kept))
