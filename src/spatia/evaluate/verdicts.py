@@ -66,12 +66,12 @@ def _row(key: str, name: str, stat: dict[str, Any]) -> dict[str, Any]:
             "n_runs": int(stat.get("n_runs", 1))}
 
 
-def verdict(task: str, task_results: dict[str, Any], results: dict[str, Any],
-            pair: tuple[str, str] | None = None) -> dict[str, Any] | None:
-    """The verdict of one task entry (status ok); None when no row has a value. pair: (SPATIA row,
-    baseline row) to compare instead of the preferred SPATIA row and the best baseline (both
-    must have the metric's value, else None); "best" is then the best of the rows of the
-    pair's kind (image-only rows and hand-made features for `image_only_pair`)."""
+def verdict(task: str, task_results: dict[str, Any], results: dict[str, Any], *,
+            image_only: bool = False) -> dict[str, Any] | None:
+    """The verdict of one task entry (status ok); None when no row has a value. image_only: the
+    image-only verdict instead (`image_only_pair`: SPATIA's image-only row against the hand-made
+    features, "best" among the image-only rows and those features; None when either row is
+    missing)."""
     rows = {}
     for key, entry in task_results["results"].items():
         label, stat = _metric_of(task, entry)
@@ -82,8 +82,9 @@ def verdict(task: str, task_results: dict[str, Any], results: dict[str, Any],
     labels = [label for label, _ in rows.values()]
     metric = max(labels, key=labels.count)  # compare like with like (expression: XGBoost unless it did not run)
     row = {k: _row(k, row_name(results, k), stat) for k, (label, stat) in rows.items() if label == metric}
-    if pair is not None:
-        if pair[0] not in row or pair[1] not in row:
+    if image_only:
+        pair = image_only_pair(task, task_results)
+        if pair is None or pair[0] not in row or pair[1] not in row:
             return None
         spatia, baseline = row[pair[0]], row[pair[1]]
         row = {k: r for k, r in row.items() if k == pair[1] or k.startswith(X_SPATIA_IMAGE)}
@@ -123,10 +124,7 @@ def image_only_pair(task: str, task_results: dict[str, Any]) -> tuple[str, str] 
 
 def verdict_pairs(task: str, task_results: dict[str, Any], results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(SPATIA row, baseline row, metric) of every verdict `task_verdicts` draws from this entry."""
-    candidates = [verdict(task, task_results, results)]
-    pair = image_only_pair(task, task_results)
-    if pair is not None:
-        candidates.append(verdict(task, task_results, results, pair=pair))
+    candidates = [verdict(task, task_results, results), verdict(task, task_results, results, image_only=True)]
     out: list[tuple[str, str, str]] = []
     for v in candidates:
         if v is not None and v["spatia"] is not None and v["baseline"] is not None:
@@ -171,8 +169,7 @@ def task_verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if v is not None:
                 v["label_column"] = column
                 out[f"{task}:{column}" if several else task] = v
-            pair = image_only_pair(task, entry)
-            v = verdict(task, entry, results, pair=pair) if pair is not None else None
+            v = verdict(task, entry, results, image_only=True)
             if v is not None:
                 v.update(label_column=column, title=IMAGE_ONLY_TITLE)
                 out[f"{task}_image_only:{column}" if several else f"{task}_image_only"] = v
