@@ -166,6 +166,26 @@ def test_headline_says_whether_the_test_set_resolves_the_difference(interval, re
     assert task_verdicts(results)["annotation"]["interval"] is None
 
 
+def test_image_only_verdict_needs_both_rows_and_ranks_image_rows_only():
+    from spatia.evaluate.verdicts import task_verdicts
+
+    def entry(mean):
+        return {m: {k: _stat(mean) for k in ("macro_f1", "precision", "accuracy")} for m in ("mlp", "logreg")}
+
+    names = {"X_spatia": "SPATIA (unified)", "pca": "PCA", "X_spatia_image_cell": "SPATIA image-only cell level",
+             "X_spatia_image": "SPATIA image-only", "morphology": "Morphology features"}
+    rows = {"X_spatia": entry(0.9), "pca": entry(0.95), "X_spatia_image_cell": entry(0.40),
+            "X_spatia_image": entry(0.45), "morphology": entry(0.35)}
+    results = {"dataset": {"label_column": "type"}, "tasks": {"annotation": {"status": "ok", "results": rows}},
+               "embeddings": {k: {"name": v} for k, v in names.items()}}
+    v = task_verdicts(results)["annotation_image_only"]
+    assert (v["spatia"]["key"], v["baseline"]["key"]) == ("X_spatia_image_cell", "morphology")
+    assert v["best"]["key"] == "X_spatia_image"  # not PCA: the line compares image-only inputs
+    assert v["difference"] == pytest.approx(0.05)
+    del rows["morphology"]
+    assert "annotation_image_only" not in task_verdicts(results)
+
+
 def test_negative_resamples_are_refused():
     from spatia.errors import ConfigError
     from spatia.evaluate import EvaluateConfig
