@@ -77,7 +77,8 @@ class EvaluateConfig:
         train mean profile their neighbour average is shrunk toward.
         bootstrap_resamples: paired bootstrap resamples of the test units behind each verdict of
             annotation and expression from morphology (cell and niche): SPATIA's row minus the
-            best baseline's, with its 95 % interval (`spatia.evaluate.bootstrap`); 0 skips it.
+            best baseline's, and on annotation the image-only row minus the hand-made features',
+            each with its 95 % interval (`spatia.evaluate.bootstrap`); 0 skips it.
         layout: 2-D layout of each representation for the report's figure: "umap" (umap-learn;
             its numba compilation costs ~30-50 s once per process on 2 cores), "pca" (first two
             principal components, instant) or "none"; layout_max_cells: cells drawn.
