@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,33 @@ def test_measures_rank_size_brightness_and_texture():
     assert t[2, _column("mean")] == pytest.approx(2 * t[1, _column("mean")])         # brighter
     assert t[3, _column("gradient_mean")] > 5 * t[1, _column("gradient_mean")]       # texture
     assert t[3, _column("std")] > 0.2 and t[1, _column("std")] < 1e-5
+
+
+def test_extent_quantiles_and_mass_displacement_match_references():
+    """Extent against the bounding box counted with numpy, the intensity order statistics against
+    numpy's quantiles of the pixels inside the mask, and the mass displacement of a nucleus
+    whose chromatin sits in its left half (a known shift of a quarter of the square's side)."""
+    s = 64
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    disc = ((yy - 30) ** 2 + (xx - 33) ** 2 <= 12**2)[None, None]
+    square = torch.zeros(1, 1, s, s, dtype=torch.bool)
+    square[..., 16:48, 16:48] = True
+    ramp = (xx.float() + 0.5 * yy.float()) / 100
+    images = torch.cat([ramp[None, None] * disc, (xx < 32).float()[None, None] * square,
+                        torch.full((1, 1, s, s), 0.6) * square])
+    masks = torch.cat([disc, square, square])
+    t = morphometry_measures(images, masks)
+    d = disc[0, 0].numpy()
+    rows, cols = np.flatnonzero(d.any(axis=1)), np.flatnonzero(d.any(axis=0))
+    bbox = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    assert t[0, _column("extent")] == pytest.approx(d.sum() / bbox)
+    assert t[1, _column("extent")] == pytest.approx(1.0)
+    inside = images[0, 0].numpy()[d]
+    for name, q in (("min", 0.0), ("q25", 0.25), ("q50", 0.5), ("q75", 0.75), ("max", 1.0)):
+        assert t[0, _column(name)] == pytest.approx(np.quantile(inside, q), abs=1e-5), name
+    assert t[2, _column("mass_displacement")] == pytest.approx(0.0, abs=1e-6)       # uniform
+    assert t[1, _column("mass_displacement")] == pytest.approx(8 / s, abs=1e-5)     # left half: 8 px off
+    assert t[1, _column("min")] == 0.0 and t[1, _column("max")] == 1.0
 
 
 def test_empty_mask_uses_the_whole_crop_and_gives_finite_values():

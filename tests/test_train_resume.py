@@ -224,18 +224,20 @@ def test_a_run_killed_right_after_a_checkpoint_loses_no_metric_row(dataset, tmp_
 
 
 def test_a_checkpoint_of_an_older_format_is_refused_with_the_fix(simulated_checkpoint, tmp_path):
-    """Format 1 checkpoints predate the morphometry input of z_cell: their weights cannot fit."""
+    """Older formats predate today's cell level (format 1: no morphometry input; 3: 17 measures
+    where there are now 23): their weights cannot fit."""
     from spatia.errors import InputDataError
     from spatia.train.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 
     checkpoint = torch.load(simulated_checkpoint, map_location="cpu", weights_only=False)
-    assert checkpoint[CHECKPOINT_KEY]["format"] == CHECKPOINT_FORMAT == 3
-    checkpoint[CHECKPOINT_KEY]["format"] = 1
-    old = tmp_path / "old.ckpt"
-    torch.save(checkpoint, old)
-    with pytest.raises(InputDataError, match="format 1 was written before") as error:
-        load_model(old)
-    assert "pretrain again" in str(error.value)
+    assert checkpoint[CHECKPOINT_KEY]["format"] == CHECKPOINT_FORMAT == 4
+    for older in (1, 3):
+        checkpoint[CHECKPOINT_KEY]["format"] = older
+        old = tmp_path / f"format{older}.ckpt"
+        torch.save(checkpoint, old)
+        with pytest.raises(InputDataError, match=f"format {older} was written before") as error:
+            load_model(old)
+        assert "pretrain again" in str(error.value) and "23 morphometry measures" in str(error.value)
 
 
 def test_a_checkpoint_from_before_the_measured_morphometry_weight_keeps_full_weight(dataset, tmp_path):

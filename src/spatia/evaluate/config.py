@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from spatia.errors import ConfigError
 from spatia.keys import SPLIT_BUFFER_UM
 
+RIDGE_ALPHAS = tuple(10.0 ** (k / 2) for k in range(-4, 11))
+"""Ridge penalties tried by the expression tasks: 0.01 to 100,000 in half-decades. On breast's
+~200 train cells the chosen penalty is 10-1,000 for every representation (docs/evaluate.md)."""
+
 TASKS = ("annotation", "clustering", "expression", "imputation", "patch_expression")
 LAYOUTS = ("umap", "pca", "none")
 BASELINES = ("pca", "autoencoder", "scvi")
@@ -67,7 +71,10 @@ class EvaluateConfig:
             in at least hvg_min_detection of them).
         xgb_estimators, xgb_max_depth: XGBoost as the paper (100 trees of depth 3 per gene);
         xgb_max_train_cells: seeded subsample of train cells for XGBoost; xgb_max_bin: histogram
-        bins (64 halves the time of the default 256); ridge_alpha: ridge penalty.
+        bins (64 halves the time of the default 256); ridge_alphas: the ridge penalties tried; the
+        one with the lowest leave-one-out error on the train cells (sklearn's RidgeCV, one
+        penalty for all genes) is used, so wide embeddings on few train cells are not scored
+        under-regularised (docs/evaluate.md); one value fixes it.
         niche_column: obs column with each cell's niche ID (written by `spatia embed`); the
             patch-level task pools cells by it. patch_inputs: per-niche image-only inputs of
             that task (the mean over the niche's cells of each obsm key; "niche_morphology" is
@@ -124,7 +131,7 @@ class EvaluateConfig:
     xgb_max_depth: int = 3
     xgb_max_train_cells: int | None = 5000
     xgb_max_bin: int = 64
-    ridge_alpha: float = 1.0
+    ridge_alphas: tuple[float, ...] = RIDGE_ALPHAS
     niche_column: str = "niche_id"
     patch_inputs: tuple[str, ...] = ("X_spatia_image_niche", "X_spatia_image", "niche_morphology")
     impute_fraction: float = 0.1
@@ -148,7 +155,7 @@ class EvaluateConfig:
         if isinstance(self.labels, str):
             object.__setattr__(self, "labels", (self.labels,))
         for name in ("labels", "embeddings", "level_concatenations", "baselines", "tasks", "mlp_hidden",
-                     "leiden_resolutions", "expression_inputs", "patch_inputs"):
+                     "leiden_resolutions", "expression_inputs", "patch_inputs", "ridge_alphas"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -188,6 +195,10 @@ class EvaluateConfig:
             raise ConfigError(f"unknown layout {self.layout!r}", fix=f"choose one of {list(LAYOUTS)}")
         if not self.leiden_resolutions or min(self.leiden_resolutions) <= 0:
             raise ConfigError("'leiden_resolutions' must be positive numbers", fix="use e.g. [0.25, 0.5, 1.0]")
+        if not self.ridge_alphas or min(self.ridge_alphas) <= 0:
+            raise ConfigError(f"'ridge_alphas' must be positive numbers; got {list(self.ridge_alphas)}",
+                              fix="use e.g. [0.1, 1, 10, 100, 1000] (the penalty with the lowest leave-one-out "
+                                  "error on the train cells is used), or one value to fix it")
 
     def validate(self) -> None:
         """Rules between fields, checked once the config is complete (`load_config` and `evaluate`)."""

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SHAPE_NAMES = ("area_fraction", "sqrt_area", "major_axis", "minor_axis", "elongation", "boundary_fraction")
-INTENSITY_NAMES = ("mean", "std", "q10", "q50", "q90", "integrated", "weighted_spread",
-                   "gradient_mean", "laplacian_abs_mean", "dark_fraction", "edge_mean")
+SHAPE_NAMES = ("area_fraction", "sqrt_area", "major_axis", "minor_axis", "elongation", "boundary_fraction", "extent")
+INTENSITY_NAMES = ("mean", "std", "min", "q10", "q25", "q50", "q75", "q90", "max", "integrated", "weighted_spread",
+                   "mass_displacement", "gradient_mean", "laplacian_abs_mean", "dark_fraction", "edge_mean")
 
 
 def n_morphometry_features(channels: int) -> int:
@@ -51,6 +51,15 @@ def _second_moments(weight: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) ->
     return torch.stack([half_trace + root, (half_trace - root).clamp(min=0.0)], dim=1)
 
 
+def _span(hit: torch.Tensor) -> torch.Tensor:
+    """Length in pixels (B,) of the run from the first to the last True of each row of hit (B, S)."""
+    s = hit.shape[1]
+    index = torch.arange(s, device=hit.device)
+    first = torch.where(hit, index, s).min(dim=1).values
+    last = torch.where(hit, index, -1).max(dim=1).values
+    return (last - first + 1).clamp(min=1).float()
+
+
 @torch.no_grad()
 def morphometry_measures(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Measures of each crop: float32 (B, n_morphometry_features(C)).
@@ -59,9 +68,11 @@ def morphometry_measures(image: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     first channel is used). Shape (from the mask): area as a fraction of the crop and its square
     root, the major and minor axis (4 x sqrt of the second-moment eigenvalues: the full axes of the
     ellipse with the same moments, in crop widths),
-    their ratio, the share of mask pixels on its boundary. Per channel, inside the mask: mean,
-    standard deviation, 10/50/90th percentiles, integrated intensity (sum / S^2), intensity-
-    weighted spread (sqrt of the summed second-moment eigenvalues), mean Sobel gradient
+    their ratio, the share of mask pixels on its boundary, the extent (area over the area of the
+    mask's bounding box). Per channel, inside the mask: mean, standard deviation, minimum,
+    10/25/50/75/90th percentiles, maximum, integrated intensity (sum / S^2), intensity-weighted
+    spread (sqrt of the summed second-moment eigenvalues), mass displacement (distance between
+    the intensity-weighted and the plain centroid, in crop widths), mean Sobel gradient
     magnitude, mean |Laplacian|, share of pixels below half the cell's median, mean on the
     mask's boundary pixels (CellProfiler's MeanIntensityEdge: peripheral chromatin). A crop with
     an empty mask uses the whole crop.
@@ -81,7 +92,11 @@ def morphometry_measures(image: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     edge = (mf - eroded).clamp(min=0)                                            # (B, 1, S, S)
     n_edge = edge.sum(dim=(1, 2, 3)).clamp(min=1)
     boundary = edge.sum(dim=(1, 2, 3)) / area.clamp(min=1)
-    columns = [area / (s * s), (area / (s * s)).sqrt(), major, minor, major / minor.clamp(min=1e-3), boundary]
+    rows_hit, cols_hit = m[:, 0].any(dim=2), m[:, 0].any(dim=1)                  # (B, S) each
+    extent = area / (_span(rows_hit) * _span(cols_hit))
+    columns = [area / (s * s), (area / (s * s)).sqrt(), major, minor, major / minor.clamp(min=1e-3), boundary, extent]
+    centroid_y = (mf[:, 0] * ys).sum(dim=(1, 2)) / area.clamp(min=1)
+    centroid_x = (mf[:, 0] * xs).sum(dim=(1, 2)) / area.clamp(min=1)
 
     sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=image.device) / 8
     kernels = torch.stack([sobel_x, sobel_x.T])[:, None]                        # (2, 1, 3, 3)
@@ -93,17 +108,22 @@ def morphometry_measures(image: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
         n = inside.sum(dim=1).clamp(min=1)
         mean = (values * inside).sum(dim=1) / n
         std = (((values - mean[:, None]) ** 2) * inside).sum(dim=1).div(n).sqrt()
-        quantiles = torch.nanquantile(values.masked_fill(~inside, float("nan")),
-                                      torch.tensor([0.1, 0.5, 0.9], device=image.device), dim=1).T  # (B, 3)
+        probabilities = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], device=image.device)
+        quantiles = torch.nanquantile(values.masked_fill(~inside, float("nan")), probabilities, dim=1).T  # (B, 7)
         integrated = (values * inside).sum(dim=1) / (s * s)
-        spread = _second_moments((x * mf)[:, 0], ys, xs).sum(dim=1).sqrt()
+        weighted = (x * mf)[:, 0]
+        spread = _second_moments(weighted, ys, xs).sum(dim=1).sqrt()
+        total = weighted.sum(dim=(1, 2)).clamp(min=1e-6)
+        displacement = torch.hypot((weighted * ys).sum(dim=(1, 2)) / total - centroid_y,
+                                   (weighted * xs).sum(dim=(1, 2)) / total - centroid_x)
         grad = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)
         grad_mean = (grad.pow(2).sum(dim=1).sqrt() * mf[:, 0]).flatten(1).sum(dim=1) / n
         lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), laplace).abs()
         lap_mean = (lap * mf).flatten(1).sum(dim=1) / n
-        dark = ((values < 0.5 * quantiles[:, 1:2]) & inside).sum(dim=1) / n
+        median = quantiles[:, 3]
+        dark = ((values < 0.5 * median[:, None]) & inside).sum(dim=1) / n
         edge_mean = (x * edge).sum(dim=(1, 2, 3)) / n_edge
-        columns += [mean, std, quantiles[:, 0], quantiles[:, 1], quantiles[:, 2], integrated, spread,
+        columns += [mean, std, *quantiles.unbind(dim=1), integrated, spread, displacement,
                     grad_mean, lap_mean, dark, edge_mean]
     return torch.nan_to_num(torch.stack(columns, dim=1), nan=0.0, posinf=0.0, neginf=0.0)
 

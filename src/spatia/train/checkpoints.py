@@ -78,8 +78,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                              f"({CHECKPOINT_FORMAT})", path=path, fix="upgrade spatia")
     if meta.get("format", 0) < CHECKPOINT_FORMAT:
         raise InputDataError(f"checkpoint format {meta.get('format', 0)} was written before the model's cell "
-                             f"level changed (format {CHECKPOINT_FORMAT}: the gene residual of z_cell reads the "
-                             "profile embedding before attention; format 2 added the morphometry input)",
+                             f"level changed (format {CHECKPOINT_FORMAT}: 23 morphometry measures of each crop; "
+                             "format 3: the gene residual of z_cell reads the profile embedding before "
+                             "attention; format 2 added the morphometry input)",
                              path=path, fix="pretrain again with this spatia (`spatia pretrain`), or read the "
                              "checkpoint with the spatia version that wrote it")
     return checkpoint

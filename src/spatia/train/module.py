@@ -35,9 +35,10 @@ from spatia.model import LEVELS, SpatiaConfig, SpatiaModel
 from spatia.train.data import BatchPosition
 
 CHECKPOINT_KEY = "spatia"
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 """2: the morphometry input of z_cell (fusion.morphometry_residual), 17 measures; 3: the gene
-residual of z_cell reads the profile embedding before the gene encoder's attention."""
+residual of z_cell reads the profile embedding before the gene encoder's attention; 4: 23
+measures (extent, minimum, quartiles, maximum and mass displacement added)."""
 LR_SCHEDULES = ("cosine", "constant")
 
 
