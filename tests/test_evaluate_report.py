@@ -45,6 +45,9 @@ def test_report_files_tables_and_figures(results, tmp_path):
     assert f"| SPATIA (unified) | {cell} |" in md or f"| SPATIA (unified) | **{cell}** |" in md
     assert "| SPATIA gene decoder | skipped: no model given |" in md
     assert "| PCA + morphology |" in md
+    ridge = metrics["tasks"]["expression"]["results"]["morphology"]["ridge"]["alpha"]
+    assert ridge in EvaluateConfig().ridge_alphas
+    assert "Ridge penalty chosen by leave-one-out on the train cells: " in md and f"Morphology features {ridge:g}" in md
 
     page = (out / "report.html").read_text()
     # annotation, clustering, levels, expression, niche expression (skipped: no niche IDs), imputation

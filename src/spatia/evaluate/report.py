@@ -172,6 +172,14 @@ def _clustering_table(results: dict[str, Any], clu: dict[str, Any], title: str, 
                    "KMeans ARI", "KMeans NMI"], rows, note
 
 
+def _ridge_penalties(results: dict, task: dict) -> str:
+    """' Ridge penalty chosen on the train cells: <input> <alpha>, ...' (empty for results written
+    before the penalty was chosen)."""
+    chosen = [f"{_name(results, key)} {entry['ridge']['alpha']:g}" for key, entry in task["results"].items()
+              if "alpha" in entry.get("ridge", {})]
+    return f" Ridge penalty chosen by leave-one-out on the train cells: {', '.join(chosen)}." if chosen else ""
+
+
 def _levels_table(results: dict[str, Any]) -> Table | None:
     """Paper Table 4: MLP macro-F1 of each level's representation, one column per label column."""
     from spatia.evaluate.inputs import ABLATION_ORDER
@@ -219,7 +227,7 @@ def report_tables(results: dict[str, Any]) -> list[Table]:
         note = (f"Top {len(exp['genes'])} highly variable genes (chosen on train cells, among genes detected in at "
                 f"least {detection:.0%} of them), target {exp['target']}; "
                 f"{exp['n_train']} train / {exp['n_test']} test cells; per-gene correlation on test cells, averaged "
-                "over genes. Both regressors are deterministic (one fit).")
+                f"over genes. Both regressors are deterministic (one fit).{_ridge_penalties(results, exp)}")
         tables.append(("Expression from morphology", ["Input", "XGBoost Pearson", "XGBoost Spearman",
                                                       "Ridge Pearson", "Ridge Spearman"], rows, note))
     else:
