@@ -64,12 +64,13 @@ def feature_sets(work: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 
 def score_run(work: Path) -> dict[str, dict[str, float]]:
+    """{set: {"dim", "ridge_pearson", "ridge_alpha", "xgboost_pearson"}} of one WORK folder, from
+    `spatia evaluate`'s expression task with its defaults."""
     import anndata as ad
 
     from spatia.evaluate.config import EvaluateConfig
-    from spatia.evaluate.tasks.expression import fit_and_score, select_hvgs
+    from spatia.evaluate.tasks.expression import expression_task
     from spatia.expression import counts_from_anndata, log_normalise
-    from spatia.keys import TEST, TRAIN
 
     sets, cell_ids = feature_sets(work)
     cells = ad.read_h5ad(work / "cells.h5ad")
@@ -77,20 +78,13 @@ def score_run(work: Path) -> dict[str, dict[str, float]]:
     if (rows < 0).any():
         raise SystemExit(f"{work}: {int((rows < 0).sum())} cells of the MIST dataset are not in cells.h5ad")
     cells = cells[rows]
-    split = cells.obs["split"].astype(str).to_numpy()
-    train, test = split == TRAIN, split == TEST
-    log_expr = log_normalise(counts_from_anndata(cells))
-    config = EvaluateConfig(labels=("split",))
-    genes = select_hvgs(log_expr[train], cells.var_names.to_numpy().astype(str), config.n_hvg,
-                        config.hvg_min_detection)
-    y = log_expr[:, genes].toarray()
-    out = {}
-    for name, x in sets.items():
-        entry = fit_and_score(x, y, train, test, config)
-        out[name] = {"dim": int(x.shape[1]), "ridge_pearson": round(entry["ridge"]["pearson"]["mean"], 4),
-                     "ridge_alpha": entry["ridge"]["alpha"],
-                     "xgboost_pearson": round(entry["xgboost"]["pearson"]["mean"], 4)}
-    return out
+    config = EvaluateConfig(labels=("split",), expression_inputs=tuple(sets))
+    task = expression_task(sets, log_normalise(counts_from_anndata(cells)), cells.var_names.to_numpy().astype(str),
+                           cells.obs["split"].astype(str).to_numpy(), config)
+    return {name: {"dim": int(sets[name].shape[1]), "ridge_pearson": round(entry["ridge"]["pearson"]["mean"], 4),
+                   "ridge_alpha": entry["ridge"]["alpha"],
+                   "xgboost_pearson": round(entry["xgboost"]["pearson"]["mean"], 4)}
+            for name, entry in task["results"].items()}
 
 
 def main() -> None:
