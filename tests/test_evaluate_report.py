@@ -48,6 +48,9 @@ def test_report_files_tables_and_figures(results, tmp_path):
     ridge = metrics["tasks"]["expression"]["results"]["morphology"]["ridge"]["alpha"]
     assert ridge in EvaluateConfig().ridge_alphas
     assert "Ridge penalty chosen by leave-one-out on the train cells: " in md and f"Morphology features {ridge:g}" in md
+    c = metrics["tasks"]["annotation"]["results"]["pca"]["logreg"]["C"]
+    assert c in EvaluateConfig().logreg_cs
+    assert "Its C, chosen by cross-validated macro-F1 on the train cells: " in md and f"PCA (50) of log-expression {c:g}" in md
 
     page = (out / "report.html").read_text()
     # annotation, clustering, levels, expression, niche expression (skipped: no niche IDs), imputation

@@ -16,6 +16,11 @@ RIDGE_ALPHAS = tuple(10.0 ** (k / 2) for k in range(-4, 11))
 """Ridge penalties tried by the expression tasks: 0.01 to 100,000 in half-decades. On breast's
 ~200 train cells the chosen penalty is 10-1,000 for every representation (docs/evaluate.md)."""
 
+LOGREG_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+"""Inverse L2 strengths tried by the annotation's logistic regression, in decades. With C fixed at
+1, a 128-dimensional embedding on breast's ~200 train cells was scored under-regularised against
+33 hand-made features (docs/evaluate.md)."""
+
 TASKS = ("annotation", "clustering", "expression", "imputation", "patch_expression")
 LAYOUTS = ("umap", "pca", "none")
 BASELINES = ("pca", "autoencoder", "scvi")
@@ -62,7 +67,11 @@ class EvaluateConfig:
             NB likelihood); scvi_epochs, scvi_latent: scVI (same epoch budget by default).
         mlp_hidden, mlp_max_iter, mlp_alpha: MLP classifier (adam, early stopping on 10 % of
             train after 15 epochs without gain, mini-batches of n_train / 20 clipped to 32..256).
-        logreg_c: inverse L2 strength of the logistic regression.
+        logreg_cs, logreg_cv_folds, logreg_cv_max_cells: the logistic regression's inverse L2
+            strengths tried; the one with the best mean macro-F1 over a seeded stratified k-fold
+            split of the train cells (of a seeded subsample of at most logreg_cv_max_cells of
+            them; sklearn's LogisticRegressionCV) is refit on every train cell, so wide
+            embeddings on few train cells are not scored under-regularised; one value fixes it.
         leiden_resolutions, n_neighbors: Leiden (modularity, igraph) on the symmetric binary
             kNN graph (euclidean) of each representation.
         cluster_max_dim: embeddings wider than this are PCA-reduced before clustering.
@@ -120,7 +129,9 @@ class EvaluateConfig:
     mlp_hidden: tuple[int, ...] = (128,)
     mlp_max_iter: int = 200
     mlp_alpha: float = 1e-4
-    logreg_c: float = 1.0
+    logreg_cs: tuple[float, ...] = LOGREG_CS
+    logreg_cv_folds: int = 3
+    logreg_cv_max_cells: int | None = 2000
     leiden_resolutions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)
     n_neighbors: int = 15
     cluster_max_dim: int = 50
@@ -155,7 +166,8 @@ class EvaluateConfig:
         if isinstance(self.labels, str):
             object.__setattr__(self, "labels", (self.labels,))
         for name in ("labels", "embeddings", "level_concatenations", "baselines", "tasks", "mlp_hidden",
-                     "leiden_resolutions", "expression_inputs", "patch_inputs", "ridge_alphas"):
+                     "leiden_resolutions", "expression_inputs", "patch_inputs", "ridge_alphas",
+                     "logreg_cs"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -199,6 +211,17 @@ class EvaluateConfig:
             raise ConfigError(f"'ridge_alphas' must be positive numbers; got {list(self.ridge_alphas)}",
                               fix="use e.g. [0.1, 1, 10, 100, 1000] (the penalty with the lowest leave-one-out "
                                   "error on the train cells is used), or one value to fix it")
+        if not self.logreg_cs or min(self.logreg_cs) <= 0:
+            raise ConfigError(f"'logreg_cs' must be positive numbers; got {list(self.logreg_cs)}",
+                              fix="use e.g. [0.01, 0.1, 1, 10, 100] (the one with the best cross-validated macro-F1 "
+                                  "on the train cells is used), or one value to fix it")
+        if self.logreg_cv_folds < 2:
+            raise ConfigError(f"'logreg_cv_folds' must be at least 2; got {self.logreg_cv_folds}",
+                              fix="use e.g. 3 (each fold keeps every class's share of the train cells)")
+        if self.logreg_cv_max_cells is not None and self.logreg_cv_max_cells < 2 * self.logreg_cv_folds:
+            raise ConfigError(f"'logreg_cv_max_cells' must be at least 2 x logreg_cv_folds "
+                              f"({2 * self.logreg_cv_folds}); got {self.logreg_cv_max_cells}",
+                              fix="use e.g. 2000, or leave it unset to choose C on every train cell")
 
     def validate(self) -> None:
         """Rules between fields, checked once the config is complete (`load_config` and `evaluate`)."""

@@ -146,8 +146,8 @@ def _annotation_table(results: dict[str, Any], ann: dict[str, Any], title: str, 
         rows.append([_name(results, key)] + [entry[m][k] for m in ("mlp", "logreg")
                                               for k in ("macro_f1", "precision", "accuracy")])
     note = (f"{ann['n_train']} train / {ann['n_test']} test cells, {len(ann['classes'])} classes; "
-            f"mean ± std over seeds {seeds} for the MLP; logistic regression is deterministic (one fit). "
-            f"Majority-class accuracy: {ann['chance_accuracy']:.3f}.")
+            f"mean ± std over seeds {seeds} for the MLP; logistic regression is deterministic (one fit)."
+            f"{_logreg_strengths(results, ann)} Majority-class accuracy: {ann['chance_accuracy']:.3f}.")
     if ann["excluded_classes"]:
         note += f" Left out (too few train cells): {', '.join(ann['excluded_classes'])}."
     if any("+" in key for key in ann["results"]):
@@ -170,6 +170,14 @@ def _clustering_table(results: dict[str, Any], clu: dict[str, Any], title: str, 
             f"KMeans with k = {clu['n_labels']}. Mean ± std over seeds {seeds}.")
     return title, ["Representation", "Leiden best res.", "ARI", "NMI", "Label-free res.", "ARI", "NMI",
                    "KMeans ARI", "KMeans NMI"], rows, note
+
+
+def _logreg_strengths(results: dict, task: dict) -> str:
+    """' Its C, chosen by cross-validated macro-F1 on the train cells: <representation> <C>, ...'
+    (empty for results written before C was chosen)."""
+    chosen = [f"{_name(results, key)} {entry['logreg']['C']:g}" for key, entry in task["results"].items()
+              if "C" in entry.get("logreg", {})]
+    return f" Its C, chosen by cross-validated macro-F1 on the train cells: {', '.join(chosen)}." if chosen else ""
 
 
 def _ridge_penalties(results: dict, task: dict) -> str:
