@@ -139,8 +139,8 @@ def test_ridge_penalty_is_chosen_on_the_train_cells():
 
 
 def test_logistic_regression_strength_is_chosen_on_the_train_cells():
-    """Breast's regime: a 128-dimensional input whose class signal is spread thinly over every
-    dimension, 200 train cells in 4 classes. C = 100 (next to no penalty) fits the noise; the
+    """A wide input on few train cells: 128 dimensions whose class signal is spread thinly over
+    every dimension, 200 train cells in 4 classes. C = 100 (next to no penalty) fits the noise; the
     chosen C is stronger and scores better macro-F1 on the test cells; one value fixes C; bad grids
     are refused."""
     from sklearn.metrics import f1_score

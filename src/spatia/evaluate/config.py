@@ -17,9 +17,9 @@ RIDGE_ALPHAS = tuple(10.0 ** (k / 2) for k in range(-4, 11))
 ~200 train cells the chosen penalty is 10-1,000 for every representation (docs/evaluate.md)."""
 
 LOGREG_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-"""Inverse L2 strengths tried by the annotation's logistic regression, in decades. With C fixed at
-1, a 128-dimensional embedding on breast's ~200 train cells was scored under-regularised against
-33 hand-made features (docs/evaluate.md)."""
+"""Inverse L2 strengths tried by the annotation's logistic regression, in decades. A fixed C suits
+some inputs and not others: C = 1 was too weak for region1's 256-dimensional level
+concatenations (docs/evaluate.md)."""
 
 TASKS = ("annotation", "clustering", "expression", "imputation", "patch_expression")
 LAYOUTS = ("umap", "pca", "none")
