@@ -280,3 +280,34 @@ def test_every_figure_has_axis_labels_and_a_legend(results, tmp_path, monkeypatc
         assert any(ax.get_legend() is not None for ax in axes)
     spatial = next(f for f in seen if any(ax.get_xlabel() == "x (um)" for ax in f.axes))
     assert all(ax.get_legend() is not None for ax in spatial.axes if ax.axison)  # labels, split and clusters
+
+
+def test_panels_with_many_categories_name_their_count_and_nothing_overlaps():
+    """Leiden on a niche-level embedding gives a cluster per niche (194 in the demo): such a panel
+    names the count in its title instead of a legend of 194 rows, and the spatial grid lays out
+    without matplotlib's 'Tight layout not applied' (legends over the next panel)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spatia.evaluate.report import LEGEND_MAX_ENTRIES, _categorical, _grid
+
+    rng = np.random.default_rng(0)
+    fig, axes = _grid(3)
+    many, few = np.arange(500) % 60, np.arange(500) % 5
+    _categorical(axes[0], rng.normal(size=(500, 2)), many, "Leiden: niche level", legend=True, size=2,
+                 axis_labels=("x", "y"), legend_title="Cluster")
+    _categorical(axes[1], rng.normal(size=(500, 2)), few, "Leiden: a rather long representation name that wraps",
+                 legend=True, size=2, axis_labels=("x", "y"), legend_title="Cluster")
+    _categorical(axes[2], rng.normal(size=(500, 2)), many.astype(str), "Labels", legend=True, size=2,
+                 axis_labels=("x", "y"))
+    assert 60 > LEGEND_MAX_ENTRIES and axes[0].get_legend() is None and "(60 clusters)" in axes[0].get_title()
+    assert len(axes[1].get_legend().get_texts()) == 5 and "\n" in axes[1].get_title()
+    assert "(60 categories)" in axes[2].get_title()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fig.canvas.draw()
+    plt.close(fig)

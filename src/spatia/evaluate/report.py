@@ -20,6 +20,7 @@ import base64
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +349,11 @@ def _colours(n: int) -> np.ndarray:
     return matplotlib.colormaps["hsv"](np.linspace(0, 1, n, endpoint=False))
 
 
+LEGEND_MAX_ENTRIES = 20
+"""A panel with more categories than this (e.g. Leiden on a niche-level embedding, whose cells
+share a vector per niche) names their count in its title instead of listing them."""
+
+
 def _categorical(ax, xy: np.ndarray, values: np.ndarray, title: str, legend: bool, size: float,
                  axis_labels: tuple[str, str], legend_title: str = "") -> None:
     """Scatter coloured by category, with axis labels and (when `legend`) a legend of every
@@ -358,14 +364,17 @@ def _categorical(ax, xy: np.ndarray, values: np.ndarray, title: str, legend: boo
     lookup = {c: i for i, c in enumerate(cats)}
     idx = np.array([lookup[v] for v in values])
     ax.scatter(xy[:, 0], xy[:, 1], c=colours[idx], s=size, linewidths=0, rasterized=True)
-    ax.set_title(title, fontsize=9)
+    if legend and len(cats) > LEGEND_MAX_ENTRIES:
+        noun = f"{legend_title.lower()}s" if legend_title else "categories"
+        title, legend = f"{title} ({len(cats)} {noun})", False
+    ax.set_title(textwrap.fill(title, 44), fontsize=9)
     ax.set_xlabel(axis_labels[0], fontsize=7)
     ax.set_ylabel(axis_labels[1], fontsize=7)
     ax.tick_params(labelsize=6)
     if legend:
         handles = [ax.scatter([], [], color=colours[i], s=12, label=c) for i, c in enumerate(cats)]
         ax.legend(handles=handles, title=legend_title or None, title_fontsize=6, fontsize=6, markerscale=1.0,
-                  loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, ncol=math.ceil(len(cats) / 20))
+                  loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
 def _grid(n: int):
@@ -373,7 +382,7 @@ def _grid(n: int):
 
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.9 * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     return fig, axes.ravel()
@@ -393,7 +402,6 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> dict[str, Path]:
 
     def save(fig, file_name: str, caption: str) -> None:
         path = fig_dir / file_name
-        fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         figures[caption] = path
@@ -426,7 +434,7 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> dict[str, Path]:
     ann = results["tasks"].get("annotation", {})
     if ann.get("status") == "ok":
         keys = list(ann["results"])
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(keys)), 3.6))
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(keys)), 3.6), layout="constrained")
         pos = np.arange(len(keys))
         for offset, model, label in ((-0.2, "mlp", "MLP"), (0.2, "logreg", "LogReg")):
             means = [ann["results"][k][model]["macro_f1"]["mean"] or 0.0 for k in keys]
@@ -442,7 +450,7 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> dict[str, Path]:
     if exp.get("status") == "ok":
         genes = exp["genes"]
         fig, axes = plt.subplots(len(exp["results"]), 1, figsize=(max(8.0, 0.18 * len(genes)), 2.8 * len(exp["results"])),
-                                 squeeze=False)
+                                 squeeze=False, layout="constrained")
         for ax, (key, entry) in zip(axes[:, 0], exp["results"].items(), strict=True):
             models = [m for m in ("xgboost", "ridge") if entry[m].get("status") == "ok"]
             ref = np.array([np.nan if v is None else v for v in entry[models[0]]["per_gene_pearson"]])
