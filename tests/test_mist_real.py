@@ -120,3 +120,21 @@ def test_crops_masks_and_sums_match_references(built, slide):
         for n in inside.itertuples():
             assert slots[n.grid_row * 4 + n.grid_col] == n.niche_id
             assert (n.niche_row // 4, n.niche_col // 4) == (tissue.tissue_row, tissue.tissue_col)
+
+
+def test_the_measures_weight_on_the_two_real_sections(built, real_bundle, tmp_path):
+    """Known answers of `fusion.morphometry_weight` from the data: region1's 8-bit-derived DAPI
+    explains little of its expression (R2 about 0.014: a weight well under 1, above 0), the breast
+    section's real DAPI enough for full weight (R2 about 0.15; docs/model.md)."""
+    from spatia.mist import build_dataset
+    from spatia.train.data import MORPHOMETRY_FULL_WEIGHT_R2, dataset_statistics
+
+    marrow = dataset_statistics(built[0])
+    assert 0.0 < marrow.morphometry_r2 < 0.3 * MORPHOMETRY_FULL_WEIGHT_R2
+    assert 0.0 < marrow.morphometry_weight() < 0.3
+    breast_bundle = real_bundle.parent / "xenium_breast_cancer_left"
+    if not (breast_bundle / "cells.parquet").exists():
+        pytest.skip(f"breast bundle not found at {breast_bundle}")
+    build_dataset([breast_bundle], tmp_path / "breast", seed=0)
+    breast = dataset_statistics(tmp_path / "breast")
+    assert breast.morphometry_r2 > MORPHOMETRY_FULL_WEIGHT_R2 and breast.morphometry_weight() == 1.0
