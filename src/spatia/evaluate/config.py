@@ -18,8 +18,8 @@ RIDGE_ALPHAS = tuple(10.0 ** (k / 2) for k in range(-4, 11))
 
 LOGREG_CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 """Inverse L2 strengths tried by the annotation's logistic regression, in decades. A fixed C suits
-some inputs and not others: C = 1 was too weak for region1's 256-dimensional level
-concatenations (docs/evaluate.md)."""
+some inputs and not others: on region1's seed-0 split, C = 1 was too weak for the 256-dimensional
+level concatenations (docs/evaluate.md)."""
 
 TASKS = ("annotation", "clustering", "expression", "imputation", "patch_expression")
 LAYOUTS = ("umap", "pca", "none")
@@ -70,8 +70,8 @@ class EvaluateConfig:
         logreg_cs, logreg_cv_folds, logreg_cv_max_cells: the logistic regression's inverse L2
             strengths tried; the one with the best mean macro-F1 over a seeded stratified k-fold
             split of the train cells (of a seeded subsample of at most logreg_cv_max_cells of
-            them; sklearn's LogisticRegressionCV) is refit on every train cell, so wide
-            embeddings on few train cells are not scored under-regularised; one value fixes it.
+            them; sklearn's LogisticRegressionCV) is refit on every train cell, so each input
+            is scored at the penalty that suits it, not at one fixed C; one value fixes it.
         leiden_resolutions, n_neighbors: Leiden (modularity, igraph) on the symmetric binary
             kNN graph (euclidean) of each representation.
         cluster_max_dim: embeddings wider than this are PCA-reduced before clustering.
