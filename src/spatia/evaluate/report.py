@@ -139,6 +139,10 @@ LEVEL_NOTE = ("Niche and tissue embeddings are shared by all cells of a niche / 
               "embedding (each block scaled to unit total variance) to show what the context adds.")
 
 
+LOGREG_NOTE = "Its C, chosen by cross-validated macro-F1 on the train cells"
+RIDGE_NOTE = "Ridge penalty chosen by leave-one-out on the train cells"
+
+
 def _annotation_table(results: dict[str, Any], ann: dict[str, Any], title: str, seeds: str) -> Table:
     if ann.get("status") != "ok":
         return title, ["Status"], [[ann.get("status", "not run")]], ""
@@ -148,7 +152,8 @@ def _annotation_table(results: dict[str, Any], ann: dict[str, Any], title: str, 
                                               for k in ("macro_f1", "precision", "accuracy")])
     note = (f"{ann['n_train']} train / {ann['n_test']} test cells, {len(ann['classes'])} classes; "
             f"mean ± std over seeds {seeds} for the MLP; logistic regression is deterministic (one fit)."
-            f"{_logreg_strengths(results, ann)} Majority-class accuracy: {ann['chance_accuracy']:.3f}.")
+            f"{_chosen_penalties(results, ann, 'logreg', 'C', LOGREG_NOTE)} "
+            f"Majority-class accuracy: {ann['chance_accuracy']:.3f}.")
     if ann["excluded_classes"]:
         note += f" Left out (too few train cells): {', '.join(ann['excluded_classes'])}."
     if any("+" in key for key in ann["results"]):
@@ -173,20 +178,12 @@ def _clustering_table(results: dict[str, Any], clu: dict[str, Any], title: str, 
                    "KMeans ARI", "KMeans NMI"], rows, note
 
 
-def _logreg_strengths(results: dict, task: dict) -> str:
-    """' Its C, chosen by cross-validated macro-F1 on the train cells: <representation> <C>, ...'
-    (empty for results written before C was chosen)."""
-    chosen = [f"{_name(results, key)} {entry['logreg']['C']:g}" for key, entry in task["results"].items()
-              if "C" in entry.get("logreg", {})]
-    return f" Its C, chosen by cross-validated macro-F1 on the train cells: {', '.join(chosen)}." if chosen else ""
-
-
-def _ridge_penalties(results: dict, task: dict) -> str:
-    """' Ridge penalty chosen on the train cells: <input> <alpha>, ...' (empty for results written
-    before the penalty was chosen)."""
-    chosen = [f"{_name(results, key)} {entry['ridge']['alpha']:g}" for key, entry in task["results"].items()
-              if "alpha" in entry.get("ridge", {})]
-    return f" Ridge penalty chosen by leave-one-out on the train cells: {', '.join(chosen)}." if chosen else ""
+def _chosen_penalties(results: dict, task: dict, model: str, key: str, intro: str) -> str:
+    """' <intro>: <representation> <value>, ...' for the penalty each row's `model` chose on the
+    train cells (entry[model][key]); empty for results written before it was chosen."""
+    chosen = [f"{_name(results, row)} {entry[model][key]:g}" for row, entry in task["results"].items()
+              if key in entry.get(model, {})]
+    return f" {intro}: {', '.join(chosen)}." if chosen else ""
 
 
 def _levels_table(results: dict[str, Any]) -> Table | None:
@@ -236,7 +233,8 @@ def report_tables(results: dict[str, Any]) -> list[Table]:
         note = (f"Top {len(exp['genes'])} highly variable genes (chosen on train cells, among genes detected in at "
                 f"least {detection:.0%} of them), target {exp['target']}; "
                 f"{exp['n_train']} train / {exp['n_test']} test cells; per-gene correlation on test cells, averaged "
-                f"over genes. Both regressors are deterministic (one fit).{_ridge_penalties(results, exp)}")
+                f"over genes. Both regressors are deterministic (one fit)."
+                f"{_chosen_penalties(results, exp, 'ridge', 'alpha', RIDGE_NOTE)}")
         tables.append(("Expression from morphology", ["Input", "XGBoost Pearson", "XGBoost Spearman",
                                                       "Ridge Pearson", "Ridge Spearman"], rows, note))
     else:
