@@ -37,11 +37,16 @@ def n_morphometry_features(channels: int) -> int:
     return len(SHAPE_NAMES) + channels * len(INTENSITY_NAMES)
 
 
+def _centroid(weight: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted centroid (y (B,), x (B,)) of pixel positions, for weights (B, S, S)."""
+    total = weight.sum(dim=(1, 2)).clamp(min=1e-6)
+    return (weight * ys).sum(dim=(1, 2)) / total, (weight * xs).sum(dim=(1, 2)) / total
+
+
 def _second_moments(weight: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (B, 2), largest first, of the weighted covariance of pixel positions."""
     total = weight.sum(dim=(1, 2)).clamp(min=1e-6)
-    my = (weight * ys).sum(dim=(1, 2)) / total
-    mx = (weight * xs).sum(dim=(1, 2)) / total
+    my, mx = _centroid(weight, ys, xs)
     dy, dx = ys - my[:, None, None], xs - mx[:, None, None]
     cyy = (weight * dy * dy).sum(dim=(1, 2)) / total
     cxx = (weight * dx * dx).sum(dim=(1, 2)) / total
@@ -78,7 +83,7 @@ def morphometry_measures(image: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     an empty mask uses the whole crop.
     """
     image = image.float()
-    b, c, s, _ = image.shape
+    _, c, s, _ = image.shape
     m = mask[:, :1].bool()
     empty = ~m.flatten(1).any(dim=1)
     m = m | empty[:, None, None, None]
@@ -95,8 +100,7 @@ def morphometry_measures(image: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     rows_hit, cols_hit = m[:, 0].any(dim=2), m[:, 0].any(dim=1)                  # (B, S) each
     extent = area / (_span(rows_hit) * _span(cols_hit))
     columns = [area / (s * s), (area / (s * s)).sqrt(), major, minor, major / minor.clamp(min=1e-3), boundary, extent]
-    centroid_y = (mf[:, 0] * ys).sum(dim=(1, 2)) / area.clamp(min=1)
-    centroid_x = (mf[:, 0] * xs).sum(dim=(1, 2)) / area.clamp(min=1)
+    centroid_y, centroid_x = _centroid(mf[:, 0], ys, xs)
 
     sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=image.device) / 8
     kernels = torch.stack([sobel_x, sobel_x.T])[:, None]                        # (2, 1, 3, 3)
@@ -113,9 +117,8 @@ def morphometry_measures(image: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
         integrated = (values * inside).sum(dim=1) / (s * s)
         weighted = (x * mf)[:, 0]
         spread = _second_moments(weighted, ys, xs).sum(dim=1).sqrt()
-        total = weighted.sum(dim=(1, 2)).clamp(min=1e-6)
-        displacement = torch.hypot((weighted * ys).sum(dim=(1, 2)) / total - centroid_y,
-                                   (weighted * xs).sum(dim=(1, 2)) / total - centroid_x)
+        mass_y, mass_x = _centroid(weighted, ys, xs)
+        displacement = torch.hypot(mass_y - centroid_y, mass_x - centroid_x)
         grad = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels)
         grad_mean = (grad.pow(2).sum(dim=1).sqrt() * mf[:, 0]).flatten(1).sum(dim=1) / n
         lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), laplace).abs()
