@@ -18,8 +18,9 @@ writes the evaluation report there.
 Prints one JSON line: {"input", "cells", "steps", "seed", "seconds": {simulate, build, train,
 embed, evaluate}, "train_cells_per_second", "representations", "figures": summary_figures(...),
 "margins": X_spatia minus the best baseline per label column}. Labels derived from expression
-(10x clusters) favour expression-only methods; the simulator's domain and state labels need
-context.
+(10x clusters) favour expression-only methods. Of the simulator's labels, the domain and the
+niche-dependent state (`niche_state`: a target state split by the share of its niche domain
+around the cell) need context; its states are written into each cell's own expression.
 
 Calls the library's stage functions: spatia.sim.simulate_bundle, spatia.mist.build_dataset,
 spatia.train.pretrain / embed_dataset, spatia.evaluate.evaluate.
@@ -36,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SIMULATED_LABELS = ("truth_cell_type", "truth_state", "truth_domain")
+SIMULATED_LABELS = ("truth_cell_type", "truth_state", "truth_domain", "truth_niche_state")
 BUNDLE_LABELS = ("gene_expression_graphclust",)  # the embeddings name clusterings as the reader does
 BASELINE_KEYS = ("pca", "autoencoder", "scvi")
 

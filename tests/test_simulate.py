@@ -361,6 +361,27 @@ def test_target_morphology_depends_on_the_niche(measured, truth, world):
         assert np.sign(np.log(ratio)) == np.sign(np.log(scale)) and abs(np.log(ratio)) > 0.03, (name, feature, ratio)
 
 
+def test_niche_state_splits_each_target_state_by_its_niche_not_by_its_own_domain(truth, world):
+    """`niche_state` is the target state plus which side of NICHE_STATE_SHARE its niche share
+    lies, None for cells in no target state; both halves occur among cells of one own domain, so
+    the cell's own expression (which follows its own domain) cannot tell them apart."""
+    from spatia.sim.bundle import NICHE_STATE_SHARE
+
+    labelled = truth["niche_state"].notna()
+    np.testing.assert_array_equal(labelled.to_numpy(), truth["niche_share"].notna().to_numpy())
+    assert labelled.sum() > 0.1 * len(truth)
+    rows = truth[labelled]
+    half = np.where(rows["niche_share"] >= NICHE_STATE_SHARE, "niche_high", "niche_low")
+    np.testing.assert_array_equal(rows["niche_state"].to_numpy(), (rows["state"] + "|" + half).to_numpy())
+    mixed = 0
+    for t in world["transitions"]:
+        target = rows[rows["state"] == t["target"]]
+        assert target["niche_state"].nunique() == 2, t["name"]
+        per_domain = target.groupby("domain")["niche_state"].agg(lambda s: s.value_counts().min() if s.nunique() == 2 else 0)
+        mixed += int((per_domain >= 5).any())
+    assert mixed >= 3, "in most transitions one own domain holds cells of both halves"
+
+
 def test_the_same_state_looks_different_in_different_domains(measured, world):
     """Niche-dependent appearance: nuclei are larger, brighter and more textured in tumour
     than in stroma (designed size 1.08 vs 0.95, intensity 1.05 vs 0.95, texture 1.35 vs 0.9)."""

@@ -64,6 +64,9 @@ _STREAMS = {
     "noise": 8, "background": 9, "stains": 10, "z": 11,
 }
 _STAIN_LEVELS = {"membrane": 1500.0, "rna": 900.0, "vimentin": 1400.0}
+NICHE_STATE_SHARE = 0.5
+"""Share of a transition's niche domain around a target cell (`niche_share`) from which the cell's
+`niche_state` is "<state>|niche_high" (the stronger half of s(q)), below it "<state>|niche_low"."""
 
 
 def _rng(seed: int, stream: str, *extra: int) -> np.random.Generator:
@@ -328,6 +331,7 @@ def _ground_truth_table(
         "nucleus_spot_count": layout.spot_count,
         "niche_share": layout.niche_share,
         "morphology_shift_strength": layout.shift_strength,
+        "niche_state": niche_state_labels(names[state], layout.niche_share),
         "cell_area_um2": cell_area,
         "z_um": z_um,
         "focal_plane": focal_plane,
@@ -336,6 +340,21 @@ def _ground_truth_table(
         "transcript_counts": transcript_counts,
     })
     return pd.DataFrame(table)
+
+
+def niche_state_labels(state_names: np.ndarray, niche_share: np.ndarray) -> np.ndarray:
+    """The simulator's niche-dependent state of each cell, a label that needs the cell's context:
+    for a cell in a niche-dependent transition's target state, its state and whether the disc of
+    `niche_radius_um` (60 um by default) around it holds at least `NICHE_STATE_SHARE` of the
+    transition's niche domain ("Epi_CENPF+|niche_high": s(q) in the upper half of its range, a
+    strong morphology shift) or less ("Epi_CENPF+|niche_low", a weak one); None for every other
+    cell (`niche_share` NaN). The cell's own expression depends on its own domain only, so it can
+    only guess the half from that domain; its nucleus (the shift) and its niche can tell it."""
+    share = np.asarray(niche_share, dtype=np.float64)
+    half = np.where(share >= NICHE_STATE_SHARE, "|niche_high", "|niche_low")
+    labels = np.char.add(np.asarray(state_names, dtype=str), half).astype(object)
+    labels[np.isnan(share)] = None
+    return labels
 
 
 def _morphology_dict(m: NucleusMorphology) -> dict:
