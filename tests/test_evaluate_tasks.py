@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -170,6 +171,11 @@ def test_logistic_regression_strength_is_chosen_on_the_train_cells():
     assert c_capped in config.logreg_cs and capped.coef_.shape == (4, 128)
     refit = fit_logistic_regression(x[train], y[train], dataclasses.replace(config, logreg_cs=(c_capped,)))[0]
     np.testing.assert_allclose(capped.coef_, refit.coef_)
+    # two classes (e.g. a left / right label) fit without warnings: macro-F1 needs no pos_label
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two, _ = fit_logistic_regression(x[train], np.where(y[train] == "0", "left", "right"), config)
+    assert list(two.classes_) == ["left", "right"]
     with pytest.raises(ConfigError, match="logreg_cs"):
         EvaluateConfig(labels="cell_type", logreg_cs=())
     with pytest.raises(ConfigError, match="logreg_cs"):

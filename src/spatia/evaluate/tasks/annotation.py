@@ -109,6 +109,8 @@ def fit_logistic_regression(x_train: np.ndarray, y_train: np.ndarray, config: Ev
         # sklearn 1.8-1.9 announce defaults that change in 1.10 (l1_ratios, the fitted attributes);
         # neither changes this L2 fit or C_, read below as one value either way
         warnings.filterwarnings("ignore", message=".*(l1_ratios|use_legacy_attributes)", category=FutureWarning)
+        # on two classes LogisticRegressionCV hands the scorer a pos_label, which macro-F1 ignores
+        warnings.filterwarnings("ignore", message="Note that pos_label", category=UserWarning)
         search = LogisticRegressionCV(Cs=list(config.logreg_cs), cv=folds, max_iter=1000,
                                       scoring=make_scorer(f1_score, average="macro", zero_division=0))
         search.fit(x_train[rows], y_train[rows])
