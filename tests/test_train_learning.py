@@ -1,6 +1,7 @@
 """Learning, not plumbing: a short CPU pretraining on a simulated section gives embeddings that
-hold their own against PCA of the expression on cell type and beat it on tissue domain, and a
-gene decoder that imputes better than the same network untrained.
+hold their own against PCA of the expression on cell type and beat it on tissue domain and on
+the niche-dependent state, and a gene decoder that imputes better than the same network
+untrained.
 
 The simulated bundle (3,000 cells, conftest `simulated_bundle`) has known cell types and tissue
 domains (`ground_truth.parquet`, carried into the dataset index as `truth_*`). We pretrain the
@@ -70,7 +71,8 @@ def _imputation_pearson(model, levels, dataset, adata) -> float:
 
 
 @pytest.mark.slow
-def test_pretraining_matches_pca_on_cell_type_and_beats_it_on_domain(simulated_bundle, tmp_path):
+def test_pretraining_matches_pca_on_cell_type_and_beats_it_on_domain_and_niche_state(simulated_bundle,
+                                                                                     tmp_path):
     dataset = tmp_path / "mist"
     build_dataset([simulated_bundle], dataset, BuildConfig.cpu(), seed=0)
     overrides = dict(max_steps=STEPS, val_batches=0, checkpoint_every_n_steps=STEPS, log_every_n_steps=20)
