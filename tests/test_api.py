@@ -202,3 +202,35 @@ def test_embed_refuses_an_anndata_of_other_cells_before_embedding(simulated_mist
         spatia.tl.embed(other, simulated_checkpoint, dataset=simulated_mist, progress_bar=False)
     with pytest.raises(InputDataError, match="pass dataset="):
         spatia.tl.embed(other, simulated_checkpoint, progress_bar=False)
+
+
+def test_concatenate_levels_matches_the_evaluations_concatenation_and_keeps_nan_rows():
+    """`spatia.tl.concatenate_levels` gives the representation `spatia evaluate` scores as
+    "cell+niche": each block centred and scaled to unit total variance over the embedded cells;
+    a cell without an embedding stays NaN; bad level lists and missing levels are refused."""
+    from spatia.errors import ConfigError
+    from spatia.evaluate.baselines import concatenate_blocks
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(np.zeros((50, 3), dtype=np.float32))
+    cell, niche = rng.normal(0, 5, size=(50, 8)), rng.normal(3, 0.1, size=(50, 4))
+    cell[7] = np.nan  # a cell the dataset skipped
+    adata.obsm["X_spatia_cell"], adata.obsm["X_spatia_niche"] = cell, niche
+
+    spatia.tl.concatenate_levels(adata, "cell+niche")
+    both = adata.obsm["X_spatia_cell+niche"]
+    assert both.shape == (50, 12) and both.dtype == np.float32
+    assert np.isnan(both[7]).all() and np.isfinite(np.delete(both, 7, axis=0)).all()
+    kept = np.delete(np.arange(50), 7)
+    np.testing.assert_allclose(both[kept], concatenate_blocks(cell[kept], niche[kept]), rtol=1e-6)
+    # each block carries unit total variance, whatever its scale (5 vs 0.1 here)
+    for block in (both[kept, :8], both[kept, 8:]):
+        np.testing.assert_allclose((block.astype(np.float64) ** 2).sum() / len(kept), 1.0, rtol=1e-5)
+
+    copied = spatia.tl.concatenate_levels(adata, "cell+niche", copy=True)
+    np.testing.assert_array_equal(copied.obsm["X_spatia_cell+niche"], both)
+    for bad in ("cell", "cell+cell", "cell+nucleus"):
+        with pytest.raises(ConfigError, match="levels"):
+            spatia.tl.concatenate_levels(adata, bad)
+    with pytest.raises(InputDataError, match="X_spatia_tissue"):
+        spatia.tl.concatenate_levels(adata, "cell+niche+tissue")

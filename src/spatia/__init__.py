@@ -9,7 +9,7 @@ never imports torch, Lightning or scanpy):
   `spatia.simulate`, `spatia.build`, `spatia.pretrain`, `spatia.embed`, `spatia.pair`, and
   `spatia.stages.evaluate` (`spatia.evaluate` is the evaluation package).
 - `spatia.tl`: AnnData-first tools (`spatia.tl.embed(adata, checkpoint, dataset=...)` writes
-  obsm["X_spatia"]).
+  obsm["X_spatia"]; `spatia.tl.concatenate_levels(adata, "cell+niche")` the levels side by side).
 - `spatia.pl`: plots on matplotlib Axes (clusters of an embedding over the tissue, pairs over
   the tissue, top signature genes of a transition).
 """
