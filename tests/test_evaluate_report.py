@@ -311,3 +311,20 @@ def test_panels_with_many_categories_name_their_count_and_nothing_overlaps():
         warnings.simplefilter("error", UserWarning)
         fig.canvas.draw()
     plt.close(fig)
+
+
+def test_a_label_column_set_for_some_cells_names_its_labelled_cells(tmp_path):
+    """A second label column set for only part of the cells (the simulator's niche_state is set
+    for target-state cells only) is scored on those cells, and the report's setup line says how
+    many there are."""
+    adata, _ = synthetic_evaluation_data(400, n_genes=40, n_types=3, seed=3)
+    partial = adata.obs["cell_type"].astype(object).to_numpy()
+    partial[::2] = None
+    adata.obs["partial"] = partial
+    config = EvaluateConfig(labels=("cell_type", "partial"), embeddings=("X_spatia",), tasks=("annotation",),
+                            **{**FAST, "n_seeds": 1})
+    results = evaluate(adata, config)
+    assert results["labels"]["partial"]["n_labelled"] == 200
+    assert results["by_label"]["partial"]["annotation"]["n_test"] < results["by_label"]["cell_type"]["annotation"]["n_test"]
+    md = (write_report(results, tmp_path / "report") / "report.md").read_text()
+    assert "`cell_type` (3 classes), `partial` (3 classes, 200 labelled cells)." in md

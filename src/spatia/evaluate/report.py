@@ -281,8 +281,10 @@ def _setup_lines(results: dict[str, Any]) -> list[str]:
     gap = s.get("min_train_test_distance_um")
     lines = [
         f"Cells: {d['n_cells']} ({d['n_labelled']} labelled), genes: {d['n_genes']}, "
-        "labels: " + ", ".join(f"`{c}` ({v['n_labels']} classes)" for c, v in
-                               (results.get("labels") or {d["label_column"]: d}).items()) + ".",
+        "labels: " + ", ".join(
+            f"`{c}` ({v['n_labels']} classes"
+            + (f", {v['n_labelled']} labelled cells)" if v.get("n_labelled", d["n_labelled"]) != d["n_labelled"] else ")")
+            for c, v in (results.get("labels") or {d["label_column"]: d}).items()) + ".",
         f"Split ({s['source']}): {s['n_train']} train, {s['n_test']} test, {s['n_buffer']} buffer cells"
         + (f"; {s['n_test_blocks']} of {s['n_blocks']} blocks of {s['block_um']:g} um in test, "
            f"buffer {s['buffer_um']:g} um" if s.get("n_blocks") is not None else "")
