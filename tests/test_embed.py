@@ -157,3 +157,38 @@ def test_cli_pretrain_then_embed(simulated_mist, tmp_path):
 
     bad = runner.invoke(app, ["embed", str(simulated_mist), "-c", str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "x.h5ad")])
     assert bad.exit_code == 2 and "checkpoint" in bad.output
+
+
+def test_embed_suggests_the_gene_only_embedding_when_the_images_carry_little(simulated_mist, checkpoint, tmp_path):
+    """A checkpoint whose measured `fusion.morphometry_weight` is below `GENE_ONLY_HINT_WEIGHT` (as
+    on bone-marrow region1, 0.04-0.14) makes `spatia embed` of both modalities print and record a
+    hint to embed the gene-only view as well; a full-weight checkpoint (the simulator's) and a
+    gene-only embedding do not."""
+    from spatia.stages import GENE_ONLY_HINT_WEIGHT, gene_only_hint
+    from spatia.train.checkpoints import CHECKPOINT_KEY
+
+    assert gene_only_hint(None) is None and gene_only_hint(GENE_ONLY_HINT_WEIGHT) is None
+    assert "--modality gene" in gene_only_hint(0.05)
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved[CHECKPOINT_KEY]["config"]["fusion"]["morphometry_weight"] = 0.05
+    weak = tmp_path / "weak.ckpt"
+    torch.save(saved, weak)
+
+    runner = CliRunner()
+    outputs = {}
+    for name, ckpt, modality in (("weak", weak, "both"), ("full", checkpoint, "both"), ("weak_gene", weak, "gene")):
+        out = tmp_path / f"{name}.h5ad"
+        result = runner.invoke(app, ["embed", str(simulated_mist), "-c", str(ckpt), "-o", str(out), "--split", "test",
+                                     "--modality", modality, "--threads", "1"])
+        assert result.exit_code == 0, result.output
+        outputs[name] = (result.output, json.loads((tmp_path / f"{name}.spatia_run.json").read_text())["results"])
+
+    text, record = outputs["weak"]
+    text = " ".join(text.split())  # the console wraps long lines
+    assert "hint:" in text and "--modality gene" in text
+    assert record["morphometry_weight"] == pytest.approx(0.05) and "--modality gene" in record["hint"]
+    for name in ("full", "weak_gene"):
+        text, record = outputs[name]
+        assert "hint:" not in text and "hint" not in record
+    assert outputs["full"][1]["morphometry_weight"] >= GENE_ONLY_HINT_WEIGHT

@@ -134,3 +134,6 @@ def embed_command(
     detail = result.detail
     console.print(f"wrote {out}: {detail.n_cells:,} cells, {', '.join(detail.obsm_keys)} "
                   f"({detail.cells_per_second:,.0f} cells/s)", highlight=False)
+    for key in ("note", "hint"):
+        if key in result.figures and not quiet:
+            console.print(f"{key}: {result.figures[key]}", highlight=False, markup=False)

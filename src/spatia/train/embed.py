@@ -83,6 +83,7 @@ class EmbedResult:
     seconds: float
     cells_per_second: float
     obsm_keys: list[str] = field(default_factory=list)
+    morphometry_weight: float | None = None  # the model's `fusion.morphometry_weight` (None: not measured)
 
 
 class EmbedModule(L.LightningModule):
@@ -348,7 +349,8 @@ def embed_model(
              adata.n_obs, adata.n_obs - n_embedded, seconds, n_embedded / seconds,
              f"; wrote {out}" if out is not None else "")
     return EmbedResult(adata=adata, path=out, n_cells=n_embedded, seconds=seconds,
-                       cells_per_second=n_embedded / seconds, obsm_keys=sorted(adata.obsm.keys()))
+                       cells_per_second=n_embedded / seconds, obsm_keys=sorted(adata.obsm.keys()),
+                       morphometry_weight=model.config.fusion.morphometry_weight)
 
 
 def _assemble(parts: list[dict[str, Any]], context, config, levels, provenance: dict[str, Any], *, dataset: Path,
