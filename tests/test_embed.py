@@ -193,31 +193,3 @@ def test_embed_suggests_the_gene_only_embedding_when_the_images_carry_little(sim
         assert "hint:" not in text and "hint" not in record
     assert outputs["full"][1]["morphometry_weight"] >= GENE_ONLY_HINT_WEIGHT
 
-
-def test_compare_rows_benchmark_bootstraps_the_gene_only_view_against_a_baseline(simulated_mist, checkpoint,
-                                                                               embedded, tmp_path):
-    """benchmarks/compare_rows.py on a `bench_representation.py --work` layout: embeds the
-    gene-only view the pair needs, scores both rows and prints the paired difference with an
-    interval around it (the check behind results.md's "Region1 on four splits")."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    work = tmp_path / "work"
-    (work / "run" / "checkpoints").mkdir(parents=True)
-    (work / "mist").symlink_to(simulated_mist)
-    (work / "run" / "checkpoints" / "last.ckpt").symlink_to(checkpoint)
-    (work / "cells.h5ad").symlink_to(embedded[0])
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_rows.py"
-    result = subprocess.run([sys.executable, str(script), str(work), "--label", "truth_cell_type", "--n-seeds", "1",
-                             "--resamples", "100", "--pair", "X_spatia_gene:pca"],
-                            capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
-    line = json.loads(result.stdout)
-    assert set(line["mlp_macro_f1"]) == {"X_spatia_gene", "pca"} and line["n_test"] > 0
-    (pair,) = line["pairs"]
-    assert (pair["a"], pair["b"]) == ("X_spatia_gene", "pca")
-    difference = line["mlp_macro_f1"]["X_spatia_gene"] - line["mlp_macro_f1"]["pca"]
-    assert pair["difference"] == pytest.approx(difference, abs=1e-3)
-    low, high = pair["interval"]
-    assert low <= pair["difference"] <= high and pair["resolved"] == (low > 0 or high < 0)

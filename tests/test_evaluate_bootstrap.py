@@ -192,3 +192,34 @@ def test_negative_resamples_are_refused():
 
     with pytest.raises(ConfigError, match="bootstrap_resamples"):
         EvaluateConfig(labels="cell_type", bootstrap_resamples=-1)
+
+
+def test_compare_bootstraps_the_requested_annotation_pairs_and_refuses_unknown_rows():
+    """`EvaluateConfig.compare` ("A:B") adds A's MLP macro-F1 minus B's, with its interval, to the
+    annotation task's comparisons and to the report's annotation note, beside the verdicts' pairs;
+    a malformed pair or a row the run cannot score is refused before any model is fit."""
+    from spatia.errors import ConfigError
+    from spatia.evaluate import EvaluateConfig, evaluate
+    from spatia.evaluate.report import render_markdown
+    from spatia.evaluate.synthetic import synthetic_evaluation_data
+
+    adata, _ = synthetic_evaluation_data(400, n_genes=40, n_types=3, seed=5)
+    config = EvaluateConfig(labels="cell_type", embeddings=("X_spatia", "X_spatia_gene"),
+                            **{**FAST, "tasks": ("annotation",), "bootstrap_resamples": 300,
+                               "compare": ("X_spatia_gene:X_spatia", "X_spatia_gene:pca")})
+    results = evaluate(adata, config)
+    entry = results["tasks"]["annotation"]
+    mlp = {k: v["mlp"]["macro_f1"]["mean"] for k, v in entry["results"].items()}
+    for a, b in (("X_spatia_gene", "X_spatia"), ("X_spatia_gene", "pca")):
+        (c,) = [c for c in entry["comparisons"] if (c["spatia"], c["baseline"]) == (a, b)]
+        assert c["difference"] == pytest.approx(mlp[a] - mlp[b], abs=1e-9) and c["n_resamples"] == 300
+        assert c["interval"][0] <= c["difference"] <= c["interval"][1]
+    assert ("X_spatia", "pca") in {(c["spatia"], c["baseline"]) for c in entry["comparisons"]}  # the verdict's pair
+    assert "Requested comparisons" in render_markdown(results)
+
+    for bad in ("X_spatia_gene", "X_spatia:X_spatia", ":pca", "a:b:c"):
+        with pytest.raises(ConfigError, match="compare"):
+            EvaluateConfig(labels="cell_type", compare=(bad,))
+    with pytest.raises(ConfigError, match="X_spatia_image"):
+        evaluate(adata, EvaluateConfig(labels="cell_type", embeddings=("X_spatia",),
+                                       **{**FAST, "tasks": ("annotation",), "compare": ("X_spatia_image:pca",)}))

@@ -27,6 +27,7 @@ def evaluate_command(
     image_embeddings: Annotated[Path | None, typer.Option("--image-embeddings", help=".h5ad of `spatia embed --modality image`: its X_spatia_image (and X_spatia_image_niche) join the embeddings.")] = None,
     gene_embeddings: Annotated[Path | None, typer.Option("--gene-embeddings", help=".h5ad of `spatia embed --modality gene`: its X_spatia_gene joins the embeddings.")] = None,
     embedding: Annotated[list[str] | None, typer.Option("--embedding", "-e", help="obsm key to score (repeatable); default: every X_spatia* key.")] = None,
+    compare: Annotated[list[str] | None, typer.Option("--compare", help="ROW_A:ROW_B (repeatable): also bootstrap A's annotation MLP macro-F1 minus B's, e.g. X_spatia_gene:autoencoder (in metrics.json).")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="annotation, clustering, expression, imputation (repeatable); default: all.")] = None,
     n_seeds: Annotated[int, typer.Option("--n-seeds", help="Seeds per stochastic model.")] = 3,
     max_cells: Annotated[int | None, typer.Option("--max-cells", help="Evaluate a seeded random subset of this many cells (default: all).")] = None,
@@ -50,6 +51,7 @@ def evaluate_command(
     config = load_config(EvaluateConfig, {"labels": tuple(labels)}, config_file, overrides={
         "labels": tuple(labels), "split": split, "slide": slide, "max_cells": max_cells,
         "embeddings": tuple(embedding) if embedding else None, "tasks": tuple(task) if task else None,
+        "compare": tuple(compare) if compare else None,
         **given_on_command_line(ctx, {"n_seeds": n_seeds, "layout": layout, "n_jobs": n_jobs, "seed": seed,
                                       "baseline_fit": baseline_fit})})
     result = stages.evaluate(cells, out, config, inputs)

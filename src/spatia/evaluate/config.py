@@ -95,6 +95,9 @@ class EvaluateConfig:
             annotation and expression from morphology (cell and niche): SPATIA's row minus the
             best baseline's, and on annotation the image-only row minus the hand-made features',
             each with its 95 % interval (`spatia.evaluate.bootstrap`); 0 skips it.
+        compare: more annotation pairs to bootstrap beside the verdicts', each "ROW_A:ROW_B"
+            (representation keys, e.g. "X_spatia_gene:autoencoder": A's MLP macro-F1 minus
+            B's), for every label column; they join the task's ``comparisons`` in metrics.json.
         layout: 2-D layout of each representation for the report's figure: "umap" (umap-learn;
             its numba compilation costs ~30-50 s once per process on 2 cores), "pca" (first two
             principal components, instant) or "none"; layout_max_cells: cells drawn.
@@ -150,6 +153,7 @@ class EvaluateConfig:
     knn_k: int = 15
     knn_prior_cells: float = 15.0
     bootstrap_resamples: int = 1000
+    compare: tuple[str, ...] = ()
     layout: str = "umap"
     layout_max_cells: int = 2000
     n_jobs: int = 1
@@ -167,7 +171,7 @@ class EvaluateConfig:
             object.__setattr__(self, "labels", (self.labels,))
         for name in ("labels", "embeddings", "level_concatenations", "baselines", "tasks", "mlp_hidden",
                      "leiden_resolutions", "expression_inputs", "patch_inputs", "ridge_alphas",
-                     "logreg_cs"):
+                     "logreg_cs", "compare"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -203,6 +207,11 @@ class EvaluateConfig:
         if self.bootstrap_resamples < 0:
             raise ConfigError(f"'bootstrap_resamples' must be >= 0; got {self.bootstrap_resamples}",
                               fix="use e.g. 1000, or 0 to skip the paired bootstrap")
+        for pair in self.compare:
+            rows = pair.split(":")
+            if len(rows) != 2 or not all(rows) or rows[0] == rows[1]:
+                raise ConfigError(f"'compare': {pair!r} is not two different representation keys joined by ':'",
+                                  fix="use e.g. 'X_spatia_gene:autoencoder' (scored as the first minus the second)")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"unknown layout {self.layout!r}", fix=f"choose one of {list(LAYOUTS)}")
         if not self.leiden_resolutions or min(self.leiden_resolutions) <= 0:

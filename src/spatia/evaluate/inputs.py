@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from spatia.errors import InputDataError
+from spatia.errors import ConfigError, InputDataError
 from spatia.evaluate import baselines
 from spatia.evaluate.config import EvaluateConfig
 from spatia.evaluate.crops import CellCrops, align_crops
@@ -168,6 +168,19 @@ def _spatia_keys(adata, config: EvaluateConfig) -> list[str]:
         return keys
     keys = [k for k in EMBEDDING_KEYS if k in adata.obsm]
     return keys + sorted(k for k in adata.obsm if k.startswith("X_spatia") and k not in keys)
+
+
+def check_compare_rows(adata, config: EvaluateConfig) -> None:
+    """Refuse, before any baseline is fit, a `config.compare` row this run cannot score: not an
+    embedding of `adata` (or of `config.embeddings`), a level concatenation, a configured
+    baseline or the morphology features."""
+    names = {*_spatia_keys(adata, config), *config.baselines, "morphology", "pca+morphology",
+             *(concatenation_key(combo) for combo in config.level_concatenations)}
+    absent = sorted({row for pair in config.compare for row in pair.split(":")} - names)
+    if absent:
+        raise ConfigError(f"'compare' names representation(s) {absent} that this run does not score",
+                          fix=f"choose among {sorted(names)}; a gene-only or image-only view joins with "
+                              "--gene-embeddings / --image-embeddings")
 
 
 def _ablation_sorted(keys: list[str]) -> list[str]:

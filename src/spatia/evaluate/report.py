@@ -158,6 +158,12 @@ def _annotation_table(results: dict[str, Any], ann: dict[str, Any], title: str, 
         note += f" Left out (too few train cells): {', '.join(ann['excluded_classes'])}."
     if any("+" in key for key in ann["results"]):
         note += " " + LEVEL_NOTE
+    requested = [c for c in ann.get("comparisons", [])
+                 if f"{c['spatia']}:{c['baseline']}" in results.get("config", {}).get("compare", ())]
+    if requested:
+        note += " Requested comparisons (`compare`; MLP macro-F1, 95 % interval over the test cells): " + "; ".join(
+            f"{_name(results, c['spatia'])} minus {_name(results, c['baseline'])} {c['difference']:+.3f} "
+            f"[{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}]" for c in requested) + "."
     return title, ["Representation", "MLP macro-F1", "MLP precision", "MLP accuracy", "LogReg macro-F1",
                    "LogReg precision", "LogReg accuracy"], rows, note
 

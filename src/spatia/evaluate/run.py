@@ -30,7 +30,13 @@ from spatia.evaluate.baselines import Imputer
 from spatia.evaluate.bootstrap import HeldOutPredictions, paired_difference
 from spatia.evaluate.config import TASKS, EvaluateConfig
 from spatia.evaluate.crops import CellCrops, NicheCrops
-from spatia.evaluate.inputs import build_representations, embedded_cells, make_split, read_labels
+from spatia.evaluate.inputs import (
+    build_representations,
+    check_compare_rows,
+    embedded_cells,
+    make_split,
+    read_labels,
+)
 from spatia.evaluate.layout import layouts_2d
 from spatia.evaluate.metrics import skipped
 from spatia.evaluate.tasks import (
@@ -91,12 +97,17 @@ def _with_comparison(task: str, entry: dict[str, Any], kept: dict[str, dict[str,
                      results: dict[str, Any], config: EvaluateConfig) -> dict[str, Any]:
     """The task entry with ``comparisons``: the paired bootstrap (`spatia.evaluate.bootstrap`) of
     each verdict's two rows (`verdict_pairs`: SPATIA against its best baseline; on annotation
-    also the image-only row against the hand-made features) over the test units, for the pairs
-    whose rows kept their predictions, unless `config.bootstrap_resamples` is 0."""
+    also the image-only row against the hand-made features, and the pairs of `config.compare`)
+    over the test units, for the pairs whose rows kept their predictions, unless
+    `config.bootstrap_resamples` is 0."""
     if config.bootstrap_resamples == 0 or entry.get("status") != "ok":
         return entry
+    pairs = verdict_pairs(task, entry, results)
+    if task == "annotation":
+        pairs += [(*pair.split(":"), "MLP macro-F1") for pair in config.compare
+                  if (*pair.split(":"), "MLP macro-F1") not in pairs]
     comparisons = []
-    for spatia, baseline, metric in verdict_pairs(task, entry, results):
+    for spatia, baseline, metric in pairs:
         model = MODEL_OF_METRIC.get(metric)
         a, b = kept.get(spatia, {}).get(model), kept.get(baseline, {}).get(model)
         if a is not None and b is not None:
@@ -111,6 +122,7 @@ def _evaluate(adata, config: EvaluateConfig, crops: CellCrops | None, imputer: I
               niche_crops: NicheCrops | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     adata = embedded_cells(adata)  # rows `spatia embed` keeps for cells the build skipped: NaN embeddings
+    check_compare_rows(adata, config)
     label_sets = {column: read_labels(adata, column) for column in config.label_columns}
     primary = config.label_columns[0]
     if config.max_cells is not None and adata.n_obs > config.max_cells:
