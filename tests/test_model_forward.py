@@ -1,14 +1,18 @@
 """SpatiaModel forward pass at tiny size: shapes, MAE masking, gene panel, the negative-binomial
-whole-panel gene loss, modalities, levels, the final fusion's residual."""
+whole-panel gene loss, modalities, levels, the final fusion's residual and context bound."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from spatia.errors import ConfigError, DatasetError
 from spatia.model import BatchSizes, SpatiaModel, load_config, synthetic_batch, synthetic_gene_symbols
+from spatia.model.config import FusionConfig
 from spatia.model.decoders import gene_loss, image_loss, nb_log_prob
+from spatia.model.fusion import FinalFusion
 from spatia.model.gene import normalize_counts, select_genes, split_masked
 from spatia.model.image import random_patch_mask
 from spatia.model.morphometry import morphometry_measures
@@ -288,6 +292,40 @@ def test_final_fusion_starts_as_the_cell_level(model, batch):
     fresh = SpatiaModel(model.config, model.gene_symbols)
     emb = fresh.embed(batch)
     assert torch.equal(emb.z, emb.z_cell)
+
+
+def test_final_fusion_clips_the_context_to_a_share_of_the_cell_level():
+    """fusion.context_ratio r: |z - z_cell| <= r |z_cell| per cell; a context inside the bound
+    passes unchanged; None leaves it unbounded; the clip keeps gradients finite from the zero start."""
+    torch.manual_seed(0)
+    z_cell, z_niche, z_tissue = (torch.randn(16, 32) for _ in range(3))
+    config = FusionConfig(dim=32, heads=2, mlp_size=64, context_ratio=0.25)
+    clipped = FinalFusion(config)
+    clipped.reset_parameters()
+    z_cell.requires_grad_(True)
+    clipped(z_cell, z_niche, z_tissue).sum().backward()  # out = 0: context 0, gradients defined
+    assert torch.isfinite(z_cell.grad).all() and clipped.out.weight.grad.abs().sum() > 0
+    z_cell = z_cell.detach()
+
+    unbounded = FinalFusion(dataclasses.replace(config, context_ratio=None))
+    unbounded.load_state_dict(clipped.state_dict())
+    with torch.no_grad():
+        for fusion in (clipped, unbounded):
+            torch.nn.init.normal_(fusion.out.weight, std=1.0)  # a context far larger than z_cell
+        unbounded.out.weight.copy_(clipped.out.weight)
+        raw = unbounded(z_cell, z_niche, z_tissue) - z_cell
+        bounded = clipped(z_cell, z_niche, z_tissue) - z_cell
+    share = bounded.norm(dim=-1) / z_cell.norm(dim=-1)
+    assert (raw.norm(dim=-1) > 0.25 * z_cell.norm(dim=-1)).all()
+    assert torch.allclose(share, torch.full_like(share, 0.25), atol=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(bounded, raw, dim=-1)
+    assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-5)  # same direction, shorter
+    with torch.no_grad():
+        clipped.out.weight.mul_(1e-4)
+        unbounded.out.weight.copy_(clipped.out.weight)
+        small = unbounded(z_cell, z_niche, z_tissue) - z_cell
+        assert (small.norm(dim=-1) < 0.25 * z_cell.norm(dim=-1)).all()
+        assert torch.equal(clipped(z_cell, z_niche, z_tissue) - z_cell, small)
 
 
 def test_embed_is_deterministic_and_restores_mode(model, batch):

@@ -240,6 +240,26 @@ def test_a_checkpoint_of_an_older_format_is_refused_with_the_fix(simulated_check
         assert "pretrain again" in str(error.value) and "23 morphometry measures" in str(error.value)
 
 
+def test_a_checkpoint_from_before_the_context_bound_embeds_unclipped(dataset, tmp_path):
+    """Checkpoints written before `fusion.context_ratio` existed trained their final fusion
+    without the clip: they load (and resume) with the context unbounded, not today's default."""
+    from spatia.model.config import FusionConfig
+    from spatia.train.module import CHECKPOINT_KEY
+
+    assert FusionConfig().context_ratio is not None
+    out = tmp_path / "run"
+    _run(dataset, out, train_overrides=dict(FAST, max_steps=2))
+    last = out / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint[CHECKPOINT_KEY]["config"]["fusion"].pop("context_ratio") == FusionConfig().context_ratio
+    torch.save(checkpoint, last)
+    model, info = load_model(last)
+    assert info.config.fusion.context_ratio is None and model.final_fusion.context_ratio is None
+    result = _run(dataset, out, resume=last, train_overrides={"max_steps": 3})  # no "cannot change" refusal
+    assert result.global_step == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["fusion"]["context_ratio"] is None
+
+
 def test_a_checkpoint_from_before_the_measured_morphometry_weight_keeps_full_weight(dataset, tmp_path):
     """Format-2 checkpoints written before `fusion.morphometry_weight` existed trained with the
     measures at full weight: they load, embed and resume with weight 1, not a newly measured one."""

@@ -100,6 +100,9 @@ class FusionConfig:
     # expression variance the measures explain, measured when pretraining starts
     # (`spatia.train.data.dataset_statistics`): near 0 where the DAPI cannot tell cells apart
     morphometry_weight: float | None = None
+    # the final fusion's context is clipped per cell to at most this share of |z_cell| (null:
+    # unbounded); keeps the cell level the larger part of the unified embedding (docs/model.md)
+    context_ratio: float | None = 0.15
 
 
 @dataclass
@@ -357,6 +360,10 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
     if weight is not None and not 0.0 <= weight <= 1.0:
         fail("fusion.morphometry_weight", f"must lie in [0, 1], not {weight}",
              "set it to null (measured from the data), or between 0 (measures off) and 1")
+    context_ratio = config.fusion.context_ratio
+    if context_ratio is not None and not context_ratio > 0.0:
+        fail("fusion.context_ratio", f"must be above 0, not {context_ratio}",
+             "set it to null (context unbounded) or to a positive share of |z_cell|")
     if config.fusion.gene_residual and not config.gene.profile_token:
         fail("fusion.gene_residual", "needs gene.profile_token (the residual is its embedding)",
              "set gene.profile_token: true, or fusion.gene_residual: false")

@@ -10,7 +10,10 @@ morphometry measures (`fusion.morphometry_residual`).
 Final fusion (Eq. 4): each cell's z_cell attends to [z_cell, z_niche, z_tissue] of its own
 niche and tissue (whichever levels ran); the result, through a zero-initialised projection, is
 added to z_cell: z = z_cell + W LN(CrossAttn(...)). The unified embedding thus starts as the
-cell level and only adds context that the losses reward, so it keeps what z_cell knows.
+cell level and only adds context that the losses reward. `fusion.context_ratio` bounds that
+context per cell: its norm is clipped to at most ratio * |z_cell|, so the cell's own embedding
+stays the larger part of z and keeps what z_cell knows (docs/model.md: unbounded, the context
+grew as large as z_cell on the breast section and cost its cell-level labels).
 """
 
 from __future__ import annotations
@@ -70,11 +73,14 @@ class FinalFusion(nn.Module):
     """Eq. 4. forward(z_cell (B, D), z_niche (B, D) | None, z_tissue (B, D) | None) -> z (B, D).
 
     Keys carry a learned level embedding (cell / niche / tissue) so the attention can tell the
-    scales apart. z = z_cell + out(LN(attention output)), `out` zero at initialisation.
+    scales apart. z = z_cell + clip(out(LN(attention output))), `out` zero at initialisation,
+    clip: the context's norm scaled down to at most `cfg.context_ratio` * |z_cell| per cell
+    (none when `context_ratio` is None).
     """
 
     def __init__(self, cfg: FusionConfig):
         super().__init__()
+        self.context_ratio = cfg.context_ratio
         self.level_embedding = nn.Parameter(torch.zeros(3, cfg.dim))
         self.blocks = nn.ModuleList(
             CrossAttentionBlock(cfg.dim, cfg.dim, cfg.heads, cfg.mlp_size, cfg.dropout)
@@ -95,4 +101,10 @@ class FinalFusion(nn.Module):
         q = z_cell[:, None, :]
         for block in self.blocks:
             q = block(q, kv)
-        return z_cell + self.out(self.norm(q[:, 0]))
+        context = self.out(self.norm(q[:, 0]))
+        if self.context_ratio is not None:
+            limit = self.context_ratio * z_cell.norm(dim=-1, keepdim=True)
+            # limit / max(norm, limit): 1 where the context is within the limit; no 1 / 0 anywhere
+            bound = torch.maximum(context.norm(dim=-1, keepdim=True), limit).clamp_min(1e-12)
+            context = context * (limit / bound)
+        return z_cell + context
