@@ -166,6 +166,11 @@ class EvaluateConfig:
     def label_columns(self) -> tuple[str, ...]:
         return tuple(self.labels)
 
+    @property
+    def compare_pairs(self) -> tuple[tuple[str, str], ...]:
+        """`compare` as (row A, row B) pairs, scored as A minus B."""
+        return tuple(tuple(pair.split(":", 1)) for pair in self.compare)
+
     def __post_init__(self) -> None:
         if isinstance(self.labels, str):
             object.__setattr__(self, "labels", (self.labels,))

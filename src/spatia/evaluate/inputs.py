@@ -176,7 +176,7 @@ def check_compare_rows(adata, config: EvaluateConfig) -> None:
     baseline or the morphology features."""
     names = {*_spatia_keys(adata, config), *config.baselines, "morphology", "pca+morphology",
              *(concatenation_key(combo) for combo in config.level_concatenations)}
-    absent = sorted({row for pair in config.compare for row in pair.split(":")} - names)
+    absent = sorted({row for pair in config.compare_pairs for row in pair} - names)
     if absent:
         raise ConfigError(f"'compare' names representation(s) {absent} that this run does not score",
                           fix=f"choose among {sorted(names)}; a gene-only or image-only view joins with "

@@ -104,8 +104,8 @@ def _with_comparison(task: str, entry: dict[str, Any], kept: dict[str, dict[str,
         return entry
     pairs = verdict_pairs(task, entry, results)
     if task == "annotation":
-        pairs += [(*pair.split(":"), "MLP macro-F1") for pair in config.compare
-                  if (*pair.split(":"), "MLP macro-F1") not in pairs]
+        requested = [(a, b, "MLP macro-F1") for a, b in config.compare_pairs]
+        pairs += [pair for pair in requested if pair not in pairs]
     comparisons = []
     for spatia, baseline, metric in pairs:
         model = MODEL_OF_METRIC.get(metric)
