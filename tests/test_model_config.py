@@ -112,6 +112,9 @@ def test_wrong_type_and_impossible_sizes(tmp_path):
     path.write_text("fusion:\n  morphometry_weight: 1.5\n")
     with pytest.raises(ConfigError, match=r"fusion.morphometry_weight.*\[0, 1\]"):
         load_config(path)
+    path.write_text("fusion:\n  image_query_weight: -0.1\n")
+    with pytest.raises(ConfigError, match=r"fusion.image_query_weight.*\[0, 1\]"):
+        load_config(path)
     path.write_text("fusion:\n  context_ratio: 0\n")
     with pytest.raises(ConfigError, match=r"fusion.context_ratio.*above 0"):
         load_config(path)

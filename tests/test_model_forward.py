@@ -12,7 +12,7 @@ from spatia.errors import ConfigError, DatasetError
 from spatia.model import BatchSizes, SpatiaModel, load_config, synthetic_batch, synthetic_gene_symbols
 from spatia.model.config import FusionConfig
 from spatia.model.decoders import gene_loss, image_loss, nb_log_prob
-from spatia.model.fusion import FinalFusion
+from spatia.model.fusion import CellFusion, FinalFusion
 from spatia.model.gene import normalize_counts, select_genes, split_masked
 from spatia.model.image import random_patch_mask
 from spatia.model.morphometry import morphometry_measures
@@ -392,3 +392,42 @@ def test_batch_mismatch_errors(model, batch, config):
     wrong = {k: v for k, v in batch.items() if not k.startswith("tissue_")}
     with pytest.raises(DatasetError, match="tissue"):
         model(wrong)
+
+
+def test_cell_fusion_shares_its_pool_with_an_image_free_gene_query():
+    """fusion.image_query_weight w < 1: z_cell's pool = w mean(image queries) + (1 - w) gene query;
+    the gene query never sees the image and does not change the image tokens' outputs; w = 1 (and
+    a config with neither weight set) builds the paper's fusion, without the query."""
+    assert FusionConfig().image_query_share() == 1.0
+    assert FusionConfig(morphometry_weight=0.2).image_query_share() == 0.2    # null: the measured weight
+    assert FusionConfig(morphometry_weight=0.2, image_query_weight=0.7).image_query_share() == 0.7
+    config = FusionConfig(dim=32, heads=2, mlp_size=64, gene_residual=False, morphometry_residual=False)
+    assert CellFusion(dataclasses.replace(config, image_query_weight=1.0), 24, 16).gene_query is None
+
+    torch.manual_seed(0)
+    fusion = CellFusion(dataclasses.replace(config, image_query_weight=0.3), 24, 16)
+    fusion.reset_parameters()
+    image, other_image = torch.randn(6, 5, 24), torch.randn(6, 5, 24)
+    genes, valid = torch.randn(6, 7, 16), torch.rand(6, 7) > 0.3
+
+    def pool(share, image_tokens):
+        fusion.image_query_share = share
+        return fusion(image_tokens, genes, valid)
+
+    with torch.no_grad():
+        fused, z_mixed = pool(0.3, image)
+        _, z_image = pool(1.0, image)
+        _, z_gene = pool(0.0, image)
+        _, z_gene_other = pool(0.0, other_image)
+        query = fusion.gene_query
+        fusion.gene_query = None                                   # the same weights without the query
+        fused_alone, _ = fusion(image, genes, valid)
+        fusion.gene_query = query
+    assert fused.shape == (6, 5, 32)
+    assert torch.allclose(z_mixed, 0.3 * z_image + 0.7 * z_gene, atol=1e-6)
+    assert torch.allclose(z_gene, z_gene_other)                      # w = 0: the image has no say
+    assert not torch.allclose(z_image, pool(1.0, other_image)[1])
+    assert torch.allclose(fused, fused_alone, atol=1e-6)             # no attention between queries
+    fusion.image_query_share = 0.3
+    fusion(image, genes, valid)[1].sum().backward()
+    assert fusion.gene_query.grad.abs().sum() > 0                    # trained through z_cell

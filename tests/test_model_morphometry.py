@@ -126,7 +126,8 @@ def _model(morphometry: float = 0.0, gene_residual: bool = False, morphometry_re
     config = dataclasses.replace(
         config, fusion=dataclasses.replace(config.fusion, gene_residual=gene_residual,
                                            morphometry_residual=morphometry_residual,
-                                           morphometry_weight=morphometry_weight),
+                                           morphometry_weight=morphometry_weight,
+                                           image_query_weight=1.0),  # the measures' weight alone varies
         loss=dataclasses.replace(config.loss, cell=dataclasses.replace(config.loss.cell, morphometry=morphometry)))
     torch.manual_seed(0)
     batch = synthetic_batch(config, BatchSizes(n_tissues=2, cells_per_tissue=16, n_genes=40), seed=0)

@@ -151,6 +151,11 @@ def test_token_cap_and_pixel_statistics_come_from_the_train_cells(simulated_mist
     assert resolved.fusion.morphometry_weight == round(dataset_statistics(simulated_mist).morphometry_weight(), 3)
     assert model.config.fusion.morphometry_weight == resolved.fusion.morphometry_weight
     assert model.cell_fusion.morphometry.weight == resolved.fusion.morphometry_weight
+    # the image queries' share of z_cell's pool is the same gauge, written into the config
+    assert tiny.fusion.image_query_weight is None
+    assert resolved.fusion.image_query_weight == resolved.fusion.morphometry_weight
+    assert model.cell_fusion.image_query_share == resolved.fusion.image_query_weight
+    assert (model.cell_fusion.gene_query is None) == (resolved.fusion.image_query_weight == 1.0)
 
     # the morphometry input is standardised with the train cells' measures, saved with the weights
     measures = morphometry_measures(torch.stack([it["cell_image"] for it in items]),

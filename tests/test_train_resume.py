@@ -3,6 +3,7 @@ chaining with --from, run-directory rules and their errors."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -258,6 +259,48 @@ def test_a_checkpoint_from_before_the_context_bound_embeds_unclipped(dataset, tm
     result = _run(dataset, out, resume=last, train_overrides={"max_steps": 3})  # no "cannot change" refusal
     assert result.global_step == 3
     assert yaml.safe_load((out / "config.yaml").read_text())["fusion"]["context_ratio"] is None
+
+
+def test_a_model_with_the_gene_query_trains_saves_and_embeds(dataset, tmp_path):
+    """A section whose images explain little (here set: image_query_weight 0.4) trains with the
+    gene query, saves it with the weights and embeds with it."""
+    import dataclasses
+
+    from spatia.model import load_config
+    from spatia.train.embed import embed_model
+
+    tiny = load_config("tiny")
+    config = dataclasses.replace(tiny, fusion=dataclasses.replace(tiny.fusion, image_query_weight=0.4))
+    out = tmp_path / "run"
+    _run(dataset, out, config=config, train_overrides=dict(FAST, max_steps=3))
+    model, info = load_model(out / "checkpoints" / "last.ckpt")
+    assert info.config.fusion.image_query_weight == 0.4 and model.cell_fusion.image_query_share == 0.4
+    assert model.cell_fusion.gene_query is not None
+    adata = embed_model(dataset, model, levels=info.levels, progress_bar=False).adata
+    embedded = adata.obs["spatia_embedded"].to_numpy(dtype=bool)
+    assert embedded.any() and np.isfinite(adata.obsm["X_spatia"][embedded]).all()
+
+
+def test_a_checkpoint_from_before_the_gene_query_pools_through_the_image_queries_alone(dataset, tmp_path):
+    """Checkpoints written before `fusion.image_query_weight` existed have no gene query: they
+    load, embed and resume with the image queries' share 1, even where their measured
+    morphometry weight is below 1 (which today's default would take as the share)."""
+    from spatia.train.module import CHECKPOINT_KEY
+
+    out = tmp_path / "run"
+    _run(dataset, out, train_overrides=dict(FAST, max_steps=2))
+    last = out / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    fusion = checkpoint[CHECKPOINT_KEY]["config"]["fusion"]
+    assert fusion.pop("image_query_weight") == fusion["morphometry_weight"]
+    fusion["morphometry_weight"] = 0.5
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "gene_query" not in k}
+    torch.save(checkpoint, last)
+    model, info = load_model(last)  # strict: a gene query the weights lack would be refused
+    assert info.config.fusion.image_query_weight == 1.0 and model.cell_fusion.gene_query is None
+    result = _run(dataset, out, resume=last, train_overrides={"max_steps": 3})
+    assert result.global_step == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["fusion"]["image_query_weight"] == 1.0
 
 
 def test_a_checkpoint_from_before_the_measured_morphometry_weight_keeps_full_weight(dataset, tmp_path):

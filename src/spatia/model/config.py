@@ -100,9 +100,20 @@ class FusionConfig:
     # expression variance the measures explain, measured when pretraining starts
     # (`spatia.train.data.dataset_statistics`): near 0 where the DAPI cannot tell cells apart
     morphometry_weight: float | None = None
+    # the share of z_cell's attention pool whose queries are the image tokens (the paper's); the
+    # rest is pooled by one learned, image-free query over the same gene tokens. null: the
+    # measured morphometry weight (1 where the images explain the expression; docs/model.md)
+    image_query_weight: float | None = None
     # the final fusion's context is clipped per cell to at most this share of |z_cell| (null:
     # unbounded); keeps the cell level the larger part of the unified embedding (docs/model.md)
     context_ratio: float | None = 0.15
+
+    def image_query_share(self) -> float:
+        """`image_query_weight`, else `morphometry_weight`, else 1 (a model built outside `pretrain`)."""
+        for weight in (self.image_query_weight, self.morphometry_weight):
+            if weight is not None:
+                return float(weight)
+        return 1.0
 
 
 @dataclass
@@ -360,6 +371,10 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
     if weight is not None and not 0.0 <= weight <= 1.0:
         fail("fusion.morphometry_weight", f"must lie in [0, 1], not {weight}",
              "set it to null (measured from the data), or between 0 (measures off) and 1")
+    query_weight = config.fusion.image_query_weight
+    if query_weight is not None and not 0.0 <= query_weight <= 1.0:
+        fail("fusion.image_query_weight", f"must lie in [0, 1], not {query_weight}",
+             "set it to null (the measured morphometry weight), or between 0 (gene query only) and 1 (image queries only)")
     context_ratio = config.fusion.context_ratio
     if context_ratio is not None and not context_ratio > 0.0:
         fail("fusion.context_ratio", f"must be above 0, not {context_ratio}",

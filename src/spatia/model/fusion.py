@@ -7,6 +7,13 @@ cell with no measured genes): such cells attend only to that token. Two residual
 paper reach z_cell directly: the gene summary (`fusion.gene_residual`) and the crop's
 morphometry measures (`fusion.morphometry_residual`).
 
+Where the section's images explain little of its expression (the measured weight w =
+`FusionConfig.image_query_share()` below 1), the pool is shared with one learned, image-free
+query over the same gene tokens and blocks: pool = w mean(image queries) + (1 - w) gene query.
+On bone-marrow region1 (w 0.04-0.14) the image-token queries carried the DAPI's noise into
+z_cell and cost its expression clusters (docs/model.md); where w = 1 (the simulator, breast)
+the query does not exist and the cell fusion is the paper's.
+
 Final fusion (Eq. 4): each cell's z_cell attends to [z_cell, z_niche, z_tissue] of its own
 niche and tissue (whichever levels ran); the result, through a zero-initialised projection, is
 added to z_cell: z = z_cell + W LN(CrossAttn(...)). The unified embedding thus starts as the
@@ -34,6 +41,8 @@ class CellFusion(nn.Module):
         super().__init__()
         self.query_proj = nn.Linear(image_dim, cfg.dim)
         self.null_kv = nn.Parameter(torch.zeros(1, 1, gene_dim))
+        self.image_query_share = cfg.image_query_share()
+        self.gene_query = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if self.image_query_share < 1.0 else None
         self.blocks = nn.ModuleList(
             CrossAttentionBlock(cfg.dim, gene_dim, cfg.heads, cfg.mlp_size, cfg.dropout)
             for _ in range(cfg.layers)
@@ -46,6 +55,8 @@ class CellFusion(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.null_kv, std=0.02)
+        if self.gene_query is not None:
+            nn.init.normal_(self.gene_query, std=0.02)
 
     def forward(self, image_tokens: torch.Tensor, gene_tokens: torch.Tensor, gene_valid: torch.Tensor,
                 gene_summary: torch.Tensor | None = None, morphometry: torch.Tensor | None = None
@@ -58,10 +69,18 @@ class CellFusion(nn.Module):
         kv = torch.cat([self.null_kv.expand(b, -1, -1), gene_tokens], dim=1)
         valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=kv.device), gene_valid], dim=1)
         q = self.query_proj(image_tokens)
+        n_image = q.shape[1]
+        if self.gene_query is not None:
+            # one more query; the blocks have no attention between queries, so it never sees the image
+            q = torch.cat([q, self.gene_query.expand(b, -1, -1)], dim=1)
         for block in self.blocks:
             q = block(q, kv, valid)
         fused = self.norm(q)
-        z_cell = fused.mean(dim=1)
+        z_cell = fused[:, :n_image].mean(dim=1)
+        if self.gene_query is not None:
+            share = self.image_query_share
+            z_cell = share * z_cell + (1.0 - share) * fused[:, n_image]
+            fused = fused[:, :n_image]
         if self.gene_summary is not None and gene_summary is not None:
             z_cell = z_cell + self.gene_summary(gene_summary)
         if self.morphometry is not None and morphometry is not None:

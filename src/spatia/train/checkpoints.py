@@ -92,6 +92,9 @@ def checkpoint_info(checkpoint: dict[str, Any], path: str | Path) -> CheckpointI
     if config.fusion.morphometry_weight is None:
         # written before the weight was measured per dataset: the measures entered at full weight
         config = dataclasses.replace(config, fusion=dataclasses.replace(config.fusion, morphometry_weight=1.0))
+    if "image_query_weight" not in meta["config"].get("fusion", {}):
+        # written before the image-free gene query existed: the pool was the image queries' alone
+        config = dataclasses.replace(config, fusion=dataclasses.replace(config.fusion, image_query_weight=1.0))
     if "context_ratio" not in meta["config"].get("fusion", {}):
         # written before the final fusion's context was bounded: it trained, and embeds, unclipped
         config = dataclasses.replace(config, fusion=dataclasses.replace(config.fusion, context_ratio=None))

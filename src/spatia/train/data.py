@@ -409,13 +409,15 @@ def dataset_statistics(root: str | Path, *, n_cells: int = STATISTICS_CELLS, see
 
 def resolve_data_config(config, root: str | Path, *, seed: int = 0, stats: DatasetStatistics | None = None):
     """The config with its data-measured keys filled in (those left null): `gene.max_tokens`,
-    `gene.target_sum`, `image.pixel_mean`, `image.pixel_std` and `fusion.morphometry_weight` (see
-    `dataset_statistics`; `stats`: already measured on `root`). Unchanged when all are set."""
+    `gene.target_sum`, `image.pixel_mean`, `image.pixel_std`, `fusion.morphometry_weight` (see
+    `dataset_statistics`; `stats`: already measured on `root`) and `fusion.image_query_weight` (the
+    morphometry weight). Unchanged when all are set."""
     import dataclasses
 
     image, gene, fusion = config.image, config.gene, config.fusion
     if (gene.max_tokens is not None and gene.target_sum is not None and image.pixel_mean is not None
-            and image.pixel_std is not None and fusion.morphometry_weight is not None):
+            and image.pixel_std is not None and fusion.morphometry_weight is not None
+            and fusion.image_query_weight is not None):
         return config
     stats = stats if stats is not None else dataset_statistics(root, seed=seed)
     log.info("from %d train cells of %s: gene-token cap %d (p%g of nonzero genes per cell), median library %g "
@@ -426,6 +428,9 @@ def resolve_data_config(config, root: str | Path, *, seed: int = 0, stats: Datas
         log.info("morphometry measures explain R2 %s of the expression: fusion.morphometry_weight %.3f", r2,
                  stats.morphometry_weight())
         fusion = dataclasses.replace(fusion, morphometry_weight=round(stats.morphometry_weight(), 3))
+    if fusion.image_query_weight is None:
+        # the same gauge: how much of the expression the section's cell images explain
+        fusion = dataclasses.replace(fusion, image_query_weight=fusion.morphometry_weight)
     image = dataclasses.replace(
         image, pixel_mean=round(stats.pixel_mean, 6) if image.pixel_mean is None else image.pixel_mean,
         pixel_std=round(stats.pixel_std, 6) if image.pixel_std is None else image.pixel_std)
