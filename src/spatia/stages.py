@@ -220,7 +220,8 @@ GENE_ONLY_HINT_WEIGHT = 0.3
 """Below this measured `fusion.morphometry_weight` (the crop measures explain under 3 % of the
 expression), `embed` of both modalities suggests the gene-only embedding as well. Measured: on
 bone-marrow region1 (weight 0.04-0.14, 8-bit-derived DAPI) the gene-only embedding of the same
-checkpoint scored +0.024 MLP macro-F1 and +0.09 Leiden ARI above `X_spatia` on four splits.
+checkpoint scored +0.015 MLP macro-F1 and +0.015 Leiden ARI above `X_spatia` on four splits
+with the gene query of the cell fusion (+0.024 and +0.09 before it; docs/results.md).
 Above it: the simulator (1), where the images carry the domain (gene-only 0.79 vs `X_spatia`
 0.88-0.91), and breast (0.42-1), where they carry the nuclei's morphology, though its
 expression-derived labels still favour the gene-only view (docs/results.md)."""

@@ -35,7 +35,11 @@ from spatia.model.morphometry import MorphometryInput, n_morphometry_features
 
 class CellFusion(nn.Module):
     """forward(image_tokens (B, Lq, image_dim), gene_tokens (B, Lg, gene_dim), gene_valid (B, Lg))
-    -> fused tokens (B, Lq, D), z_cell (B, D)."""
+    -> fused tokens (B, Lq, D), z_cell (B, D).
+
+    `gene_query` (1, 1, D): the image-free query, present when `image_query_share` < 1; the fused
+    tokens returned are the image queries' alone (the image decoder reads them).
+    """
 
     def __init__(self, cfg: FusionConfig, image_dim: int, gene_dim: int, image_channels: int = 1):
         super().__init__()
