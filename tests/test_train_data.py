@@ -3,6 +3,8 @@ embedding batches."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -234,6 +236,18 @@ def test_morphometry_r2_known_answers_and_the_weight_rule():
     assert weight(0.0) == 0.0
     assert weight(MORPHOMETRY_FULL_WEIGHT_R2 / 4) == pytest.approx(0.25)
     assert weight(3 * MORPHOMETRY_FULL_WEIGHT_R2) == 1.0
+
+    # a section whose measures explain little: the image queries get the same small share, and
+    # a share set in the config is kept
+    from spatia.model import load_config
+    from spatia.train.data import resolve_data_config
+
+    stats = DatasetStatistics(40, 8.0, 0.01, 0.05, n, np.zeros(23), np.ones(23), MORPHOMETRY_FULL_WEIGHT_R2 / 4)
+    tiny = load_config("tiny")
+    resolved = resolve_data_config(tiny, "unused: stats given", stats=stats)
+    assert resolved.fusion.morphometry_weight == resolved.fusion.image_query_weight == pytest.approx(0.25)
+    given = dataclasses.replace(tiny, fusion=dataclasses.replace(tiny.fusion, image_query_weight=0.9))
+    assert resolve_data_config(given, "unused", stats=stats).fusion.image_query_weight == 0.9
 
 
 def test_simulated_nuclei_explain_expression_and_shuffled_ones_do_not(simulated_mist):

@@ -431,6 +431,9 @@ def resolve_data_config(config, root: str | Path, *, seed: int = 0, stats: Datas
     if fusion.image_query_weight is None:
         # the same gauge: how much of the expression the section's cell images explain
         fusion = dataclasses.replace(fusion, image_query_weight=fusion.morphometry_weight)
+        if fusion.image_query_weight < 1.0:
+            log.info("the image tokens query %.3f of z_cell's gene pool, an image-free gene query the rest "
+                     "(fusion.image_query_weight, the morphometry weight)", fusion.image_query_weight)
     image = dataclasses.replace(
         image, pixel_mean=round(stats.pixel_mean, 6) if image.pixel_mean is None else image.pixel_mean,
         pixel_std=round(stats.pixel_std, 6) if image.pixel_std is None else image.pixel_std)
