@@ -3,6 +3,8 @@ chaining with --from, run-directory rules and their errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -264,9 +266,6 @@ def test_a_checkpoint_from_before_the_context_bound_embeds_unclipped(dataset, tm
 def test_a_model_with_the_gene_query_trains_saves_and_embeds(dataset, tmp_path):
     """A section whose images explain little (here set: image_query_weight 0.4) trains with the
     gene query, saves it with the weights and embeds with it."""
-    import dataclasses
-
-    from spatia.model import load_config
     from spatia.train.embed import embed_model
 
     tiny = load_config("tiny")
