@@ -79,12 +79,11 @@ class CellFusion(nn.Module):
             q = torch.cat([q, self.gene_query.expand(b, -1, -1)], dim=1)
         for block in self.blocks:
             q = block(q, kv, valid)
-        fused = self.norm(q)
-        z_cell = fused[:, :n_image].mean(dim=1)
+        normed = self.norm(q)
+        fused = normed[:, :n_image]
+        z_cell = fused.mean(dim=1)
         if self.gene_query is not None:
-            share = self.image_query_share
-            z_cell = share * z_cell + (1.0 - share) * fused[:, n_image]
-            fused = fused[:, :n_image]
+            z_cell = self.image_query_share * z_cell + (1.0 - self.image_query_share) * normed[:, n_image]
         if self.gene_summary is not None and gene_summary is not None:
             z_cell = z_cell + self.gene_summary(gene_summary)
         if self.morphometry is not None and morphometry is not None:

@@ -1,6 +1,6 @@
 """Entropic optimal transport between two point clouds: blockwise log-domain Sinkhorn in torch.
 
-One job, one module (700 lines): the solver, the block cost it walks (`BlockCost`, whose cached
+One job, one module (about 700 lines): the solver, the block cost it walks (`BlockCost`, whose cached
 blocks the solver overwrites in place with kernels and which must then serve the cost again) and
 the readers of the plan (`summarize_plan`, `plan_values`, which recompute plan entries from the
 same blocks and potentials) share that block and kernel state; split apart, each would have to
