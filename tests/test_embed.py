@@ -161,7 +161,7 @@ def test_cli_pretrain_then_embed(simulated_mist, tmp_path):
 
 def test_embed_suggests_the_gene_only_embedding_when_the_images_carry_little(simulated_mist, checkpoint, tmp_path):
     """A checkpoint whose measured `fusion.morphometry_weight` is below `GENE_ONLY_HINT_WEIGHT` (as
-    on bone-marrow region1, 0.04-0.14) makes `spatia embed` of both modalities print and record a
+    on bone-marrow region1, 0.001-0.02) makes `spatia embed` of both modalities print and record a
     hint to embed the gene-only view as well; a full-weight checkpoint (the simulator's) and a
     gene-only embedding do not."""
     from spatia.stages import GENE_ONLY_HINT_WEIGHT, gene_only_hint

@@ -150,7 +150,7 @@ def test_token_cap_and_pixel_statistics_come_from_the_train_cells(simulated_mist
     assert model.config.gene.target_sum == resolved.gene.target_sum
     assert model.config.image.pixel_mean == resolved.image.pixel_mean
     assert tiny.fusion.morphometry_weight is None
-    assert resolved.fusion.morphometry_weight == round(dataset_statistics(simulated_mist).morphometry_weight(), 3)
+    assert resolved.fusion.morphometry_weight == float(f"{dataset_statistics(simulated_mist).morphometry_weight():.3g}")
     assert model.config.fusion.morphometry_weight == resolved.fusion.morphometry_weight
     assert model.cell_fusion.morphometry.weight == resolved.fusion.morphometry_weight
     # the image queries' share of z_cell's pool is the same gauge, written into the config
@@ -234,7 +234,8 @@ def test_morphometry_r2_known_answers_and_the_weight_rule():
 
     assert weight(None) == 1.0
     assert weight(0.0) == 0.0
-    assert weight(MORPHOMETRY_FULL_WEIGHT_R2 / 4) == pytest.approx(0.25)
+    assert weight(MORPHOMETRY_FULL_WEIGHT_R2 / 2) == pytest.approx(0.25)   # the square of the R2 ratio
+    assert weight(MORPHOMETRY_FULL_WEIGHT_R2 / 10) == pytest.approx(0.01)
     assert weight(3 * MORPHOMETRY_FULL_WEIGHT_R2) == 1.0
 
     # a section whose measures explain little: the image queries get the same small share, and
@@ -242,10 +243,13 @@ def test_morphometry_r2_known_answers_and_the_weight_rule():
     from spatia.model import load_config
     from spatia.train.data import resolve_data_config
 
-    stats = DatasetStatistics(40, 8.0, 0.01, 0.05, n, np.zeros(23), np.ones(23), MORPHOMETRY_FULL_WEIGHT_R2 / 4)
+    stats = DatasetStatistics(40, 8.0, 0.01, 0.05, n, np.zeros(23), np.ones(23), MORPHOMETRY_FULL_WEIGHT_R2 / 2)
     tiny = load_config("tiny")
     resolved = resolve_data_config(tiny, "unused: stats given", stats=stats)
     assert resolved.fusion.morphometry_weight == resolved.fusion.image_query_weight == pytest.approx(0.25)
+    # a weight far below 1 is kept to three significant digits, not rounded to 0
+    faint = stats._replace(morphometry_r2=0.0037)        # region1's seed-3 split
+    assert resolve_data_config(tiny, "unused", stats=faint).fusion.morphometry_weight == 0.00137
     given = dataclasses.replace(tiny, fusion=dataclasses.replace(tiny.fusion, image_query_weight=0.9))
     assert resolve_data_config(given, "unused", stats=stats).fusion.image_query_weight == 0.9
 

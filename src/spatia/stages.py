@@ -216,15 +216,17 @@ class EmbedConfig:
             raise ConfigError(f"'workers' must be 0 or more, not {self.workers}", fix="use 0 (in this process)")
 
 
-GENE_ONLY_HINT_WEIGHT = 0.3
+GENE_ONLY_HINT_WEIGHT = 0.09
 """Below this measured `fusion.morphometry_weight` (the crop measures explain under 3 % of the
-expression), `embed` of both modalities suggests the gene-only embedding as well. Measured: on
-bone-marrow region1 (weight 0.04-0.14, 8-bit-derived DAPI) the gene-only embedding of the same
-checkpoint scored +0.015 MLP macro-F1 and +0.015 Leiden ARI above `X_spatia` on four splits
-with the gene query of the cell fusion (+0.024 and +0.09 before it; docs/results.md).
-Above it: the simulator (1), where the images carry the domain (gene-only 0.79 vs `X_spatia`
-0.88-0.91), and breast (0.42-1), where they carry the nuclei's morphology, though its
-expression-derived labels still favour the gene-only view (docs/results.md)."""
+expression: (0.03 / 0.1) ** 2), `embed` of both modalities suggests the gene-only embedding as
+well. Measured: on bone-marrow region1 (weight 0.001-0.02, 8-bit-derived DAPI) the gene-only
+embedding of the same checkpoint scored +0.003 MLP macro-F1 and +0.005 Leiden ARI above
+`X_spatia` on the mean of four splits (above on three and two of them; +0.015 and +0.015 with the
+linear weight 0.04-0.14, +0.024 and +0.09 before the cell fusion's gene query; docs/results.md),
+so on such a section the two are worth comparing. Above it: the simulator (1), where the images
+carry the domain (gene-only 0.79 vs `X_spatia` 0.88-0.91), and breast (0.18-1), where they
+carry the nuclei's morphology, though its expression-derived labels still favour the gene-only
+view (docs/results.md)."""
 
 
 def gene_only_hint(morphometry_weight: float | None) -> str | None:
@@ -233,7 +235,7 @@ def gene_only_hint(morphometry_weight: float | None) -> str | None:
     if morphometry_weight is None or morphometry_weight >= GENE_ONLY_HINT_WEIGHT:
         return None
     return (f"this checkpoint measured that the cell images explain little of the expression "
-            f"(fusion.morphometry_weight {morphometry_weight:.2f} < {GENE_ONLY_HINT_WEIGHT}): also embed with "
+            f"(fusion.morphometry_weight {morphometry_weight:.3g} < {GENE_ONLY_HINT_WEIGHT}): also embed with "
             "--modality gene and pass it to `spatia evaluate --gene-embeddings`; on such a section (bone-marrow "
             "region1) the gene-only embedding read expression clusters better than X_spatia (docs/results.md)")
 

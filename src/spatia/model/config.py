@@ -96,7 +96,7 @@ class FusionConfig:
                                     # attention): the whole visible profile reaches z_cell linearly
     morphometry_residual: bool = True  # z_cell += W * (the crop's standardised morphometry measures)
                                     # when images are used: nuclear measures a small ViT misses
-    # the measures' weight in that sum; null: min(1, R2 / 0.1), R2 the share of the train cells'
+    # the measures' weight in that sum; null: min(1, R2 / 0.1) ** 2, R2 the share of the train cells'
     # expression variance the measures explain, measured when pretraining starts
     # (`spatia.train.data.dataset_statistics`): near 0 where the DAPI cannot tell cells apart
     morphometry_weight: float | None = None

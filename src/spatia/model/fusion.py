@@ -10,7 +10,7 @@ morphometry measures (`fusion.morphometry_residual`).
 Where the section's images explain little of its expression (the measured weight w =
 `FusionConfig.image_query_share()` below 1), the pool is shared with one learned, image-free
 query over the same gene tokens and blocks: pool = w mean(image queries) + (1 - w) gene query.
-On bone-marrow region1 (w 0.04-0.14) the image-token queries carried the DAPI's noise into
+On bone-marrow region1 (w 0.001-0.02) the image-token queries carried the DAPI's noise into
 z_cell and cost its expression clusters (docs/model.md); where w = 1 (the simulator, breast's
 splits with over 200 train cells) the query does not exist and the cell fusion is the paper's.
 

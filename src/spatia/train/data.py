@@ -295,11 +295,14 @@ STATISTICS_CELLS = 1000
 """Train cells read (a seeded random sample) to measure the statistics."""
 
 MORPHOMETRY_FULL_WEIGHT_R2 = 0.10
-"""`fusion.morphometry_weight` from the data = min(1, R2 / this), R2 the share of the train cells'
-expression variance that their morphometry measures explain (`morphometry_expression_r2`).
+"""`fusion.morphometry_weight` from the data = min(1, R2 / this) ** 2, R2 the share of the train
+cells' expression variance that their morphometry measures explain (`morphometry_expression_r2`).
 Measured (docs/model.md): R2 0.14-0.17 on the simulator and the breast section (real DAPI),
-where the measures raise domain and image-only scores; 0.008 on bone-marrow region1 (8-bit-derived
-DAPI), where at full weight they cut the Leiden ARI of z_cell from 0.19 to 0.12."""
+where the measures raise domain and image-only scores; 0.004-0.014 on bone-marrow region1
+(8-bit-derived DAPI), where at full weight they cut the Leiden ARI of z_cell from 0.19 to 0.12.
+Squared (2026-12-02) because on region1 what the image path cost `X_spatia` grew with the
+linear weight 0.04-0.14; at 0.001-0.02 `X_spatia` rose from 0.671 to 0.681 MLP macro-F1 (four
+splits), above the count autoencoder's 0.673."""
 
 MORPHOMETRY_R2_MIN_CELLS = 50
 """Fewer train cells than this: R2 is not measured and the measures keep full weight."""
@@ -323,11 +326,11 @@ class DatasetStatistics(NamedTuple):
     morphometry_r2: float | None      # `morphometry_expression_r2` (None: too few cells)
 
     def morphometry_weight(self) -> float:
-        """`fusion.morphometry_weight` from the data: min(1, R2 / `MORPHOMETRY_FULL_WEIGHT_R2`);
+        """`fusion.morphometry_weight` from the data: min(1, R2 / `MORPHOMETRY_FULL_WEIGHT_R2`) ** 2;
         1 when R2 was not measured."""
         if self.morphometry_r2 is None:
             return 1.0
-        return float(min(1.0, max(self.morphometry_r2, 0.0) / MORPHOMETRY_FULL_WEIGHT_R2))
+        return float(min(1.0, max(self.morphometry_r2, 0.0) / MORPHOMETRY_FULL_WEIGHT_R2) ** 2)
 
 
 def morphometry_expression_r2(measures: np.ndarray, counts: np.ndarray, *, seed: int = 0) -> float | None:
@@ -425,14 +428,15 @@ def resolve_data_config(config, root: str | Path, *, seed: int = 0, stats: Datas
              stats.median_library, stats.pixel_mean, stats.pixel_std)
     if fusion.morphometry_weight is None:
         r2 = "not measured (too few cells)" if stats.morphometry_r2 is None else f"{stats.morphometry_r2:.3f}"
-        log.info("morphometry measures explain R2 %s of the expression: fusion.morphometry_weight %.3f", r2,
-                 stats.morphometry_weight())
-        fusion = dataclasses.replace(fusion, morphometry_weight=round(stats.morphometry_weight(), 3))
+        # three significant digits: a small weight stays above 0 (0 would leave the image out of z_cell)
+        weight = float(f"{stats.morphometry_weight():.3g}")
+        log.info("morphometry measures explain R2 %s of the expression: fusion.morphometry_weight %.3g", r2, weight)
+        fusion = dataclasses.replace(fusion, morphometry_weight=weight)
     if fusion.image_query_weight is None:
         # the same gauge: how much of the expression the section's cell images explain
         fusion = dataclasses.replace(fusion, image_query_weight=fusion.morphometry_weight)
         if fusion.image_query_weight < 1.0:
-            log.info("the image tokens query %.3f of z_cell's gene pool, an image-free gene query the rest "
+            log.info("the image tokens query %.3g of z_cell's gene pool, an image-free gene query the rest "
                      "(fusion.image_query_weight, the morphometry weight)", fusion.image_query_weight)
     image = dataclasses.replace(
         image, pixel_mean=round(stats.pixel_mean, 6) if image.pixel_mean is None else image.pixel_mean,
