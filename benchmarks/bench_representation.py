@@ -151,16 +151,17 @@ def main() -> None:
         add_modality_embedding(adata, gene.adata, "X_spatia_gene")
         seconds["embed"] = time.perf_counter() - t0
 
-        imputer, imputer_note = None, "gene decoder of the checkpoint"
+        config = EvaluateConfig(labels=labels, split="split", seed=args.seed, n_seeds=args.n_seeds, layout="none")
+        imputer, imputer_note = None, f"gene decoder of the checkpoint (decoder_weight {config.impute_decoder_weight})"
         try:
             from spatia.train.impute import GeneDecoderImputer
 
-            imputer = GeneDecoderImputer.from_checkpoint(run.last_checkpoint, mist, adata.var_names)
+            imputer = GeneDecoderImputer.from_checkpoint(run.last_checkpoint, mist, adata.var_names,
+                                                         decoder_weight=config.impute_decoder_weight)
         except Exception as error:  # noqa: BLE001 - report why, score the rest
             imputer_note = f"unavailable: {type(error).__name__}: {error}"
 
         t0 = time.perf_counter()
-        config = EvaluateConfig(labels=labels, split="split", seed=args.seed, n_seeds=args.n_seeds, layout="none")
         crops = crops_from_mist(mist, adata.obs_names.to_numpy().astype(str))
         niche_crops = niche_crops_from_mist(mist)
         results = evaluate(adata, config, crops=crops, imputer=imputer, niche_crops=niche_crops)

@@ -56,9 +56,11 @@ def test_held_out_counts_never_reach_the_model(simulated_mist, simulated_checkpo
     assert (pred_hidden[mask] > 0).mean() > 0.9
 
 
-def test_matches_a_forward_pass_by_hand(simulated_mist, simulated_checkpoint, cells, query):
+@pytest.mark.parametrize("weight", [1.0, 0.7])
+def test_matches_a_forward_pass_by_hand(simulated_mist, simulated_checkpoint, cells, query, weight):
     """One tissue region: hide the genes, embed the region, decode z: the share of the library
-    (softmax over the panel) times the library estimated from the visible counts."""
+    (softmax over the panel), drawn toward the train cells' pooled shares as share ** w * prior **
+    (1 - w) and renormalised over the panel, times the library estimated from the visible counts."""
     model, info = load_model(simulated_checkpoint)
     ds = MultiScaleDataset(simulated_mist, split=None)
     region = ds.tissue_cell_rows[0]
@@ -66,8 +68,11 @@ def test_matches_a_forward_pass_by_hand(simulated_mist, simulated_checkpoint, ce
     counts = cells[names].X.toarray().astype(np.float32)
     mask = hold_out_mask(*counts.shape, 0.2, seed=3)
     visible = np.where(mask, 0.0, counts).astype(np.float32)
-    imputer = GeneDecoderImputer(model, simulated_mist, cells.var_names, levels=info.levels)
+    imputer = GeneDecoderImputer(model, simulated_mist, cells.var_names, levels=info.levels, decoder_weight=weight)
     pred = imputer(sp.csr_matrix(visible), mask, names)
+    # the prior by hand: pooled counts + 1 over pooled libraries + G, from the train cells' raw counts
+    train = cells[cells.obs["split"].to_numpy() == "train"].X.toarray().astype(np.float64)
+    prior = (train.sum(axis=0) + 1.0) / (train.sum() + train.shape[1])
 
     batch = collate_multiscale([ds[k] for k in ds.keys_for([0], region.tolist())])
     panel = batch["cell_gene_measured"].clone()
@@ -79,10 +84,14 @@ def test_matches_a_forward_pass_by_hand(simulated_mist, simulated_checkpoint, ce
         with torch.no_grad():
             logits = model.gene_decoder(z[j : j + 1], "cell")[0].double()
         logits[~panel[j]] = -np.inf
-        share = torch.softmax(logits, 0).numpy()[genes]           # the NB mean's share of the library
+        share = torch.softmax(logits, 0).numpy()                  # the NB mean's share of the library
+        tempered = np.where(panel[j].numpy(), share ** weight * prior ** (1.0 - weight), 0.0)
+        share = (tempered / tempered.sum())[genes]
         visible_total = visible[j][batch["cell_gene_measured"][j].numpy()].sum()
         total = visible_total / (1.0 - min(share.sum(), 0.9))
         np.testing.assert_allclose(pred[j, genes], share * total, rtol=1e-4, atol=1e-6)
+    if weight < 1.0:  # the prior is the one computed above (vocabulary order = var order here)
+        np.testing.assert_allclose(imputer.prior, prior, rtol=1e-6)
     # the model's input normalisation ignores the hidden genes: totals over visible genes only
     values = normalize_counts(batch["cell_counts"], batch["cell_gene_measured"], model.config.gene.library_target())
     assert torch.all(values[torch.from_numpy(mask)] == 0)
@@ -113,3 +122,16 @@ def test_bad_input_is_refused(simulated_mist, simulated_checkpoint, cells, query
         imputer(hidden[:, :-1], mask[:, :-1], cells.obs_names.to_numpy()[rows])
     with pytest.raises(InputDataError, match="not in the model's vocabulary"):
         GeneDecoderImputer.from_checkpoint(simulated_checkpoint, simulated_mist, ["NOT_A_GENE", *cells.var_names[:3]])
+    for weight in (0.0, 1.5):
+        with pytest.raises(InputDataError, match="decoder_weight must lie in"):
+            GeneDecoderImputer.from_checkpoint(simulated_checkpoint, simulated_mist, cells.var_names, decoder_weight=weight)
+
+
+def test_the_evaluation_uses_the_imputer_default_and_refuses_a_bad_weight():
+    from spatia.errors import ConfigError
+    from spatia.evaluate import EvaluateConfig
+    from spatia.train.impute import DECODER_SHARE_WEIGHT
+
+    assert EvaluateConfig().impute_decoder_weight == DECODER_SHARE_WEIGHT
+    with pytest.raises(ConfigError, match="impute_decoder_weight"):
+        EvaluateConfig(impute_decoder_weight=0.0).validate()

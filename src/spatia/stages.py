@@ -378,7 +378,8 @@ def evaluate(cells: str | Path, out: str | Path, config: EvaluateConfig,
         from spatia.train.impute import GeneDecoderImputer
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if inputs.device == "auto" else inputs.device
-        imputer = GeneDecoderImputer.from_checkpoint(inputs.checkpoint, inputs.mist, adata.var_names, device=device)
+        imputer = GeneDecoderImputer.from_checkpoint(inputs.checkpoint, inputs.mist, adata.var_names, device=device,
+                                                     decoder_weight=config.impute_decoder_weight)
     with naming_the_file(cells):
         results = score(adata, config, crops=cell_crops, imputer=imputer, niche_crops=niche_crops)
     write_report(results, out)

@@ -90,7 +90,10 @@ class EvaluateConfig:
             the hand-made features of the niche image, which needs niche crops).
         impute_fraction: fraction of each cell's genes held out; impute_max_cells: test cells
         used; knn_k: neighbours of the kNN imputers; knn_prior_cells: weight (in cells) of the
-        train mean profile their neighbour average is shrunk toward.
+        train mean profile their neighbour average is shrunk toward; impute_decoder_weight: the
+        gene-decoder imputer's `decoder_weight` (w in `share ** w * prior ** (1 - w)`, the
+        decoder's share drawn toward the train cells' profile; 1: the decoder alone; the
+        default is `spatia.train.impute.DECODER_SHARE_WEIGHT`, docs/evaluate.md).
         bootstrap_resamples: paired bootstrap resamples of the test units behind each verdict of
             annotation and expression from morphology (cell and niche): SPATIA's row minus the
             best baseline's, and on annotation the image-only row minus the hand-made features',
@@ -150,6 +153,7 @@ class EvaluateConfig:
     patch_inputs: tuple[str, ...] = ("X_spatia_image_niche", "X_spatia_image", "niche_morphology")
     impute_fraction: float = 0.1
     impute_max_cells: int = 2000
+    impute_decoder_weight: float = 0.7
     knn_k: int = 15
     knn_prior_cells: float = 15.0
     bootstrap_resamples: int = 1000
@@ -206,6 +210,9 @@ class EvaluateConfig:
         if not 0.0 < self.impute_fraction < 1.0:
             raise ConfigError(f"'impute_fraction' must be in (0, 1); got {self.impute_fraction}",
                               fix="use e.g. impute_fraction=0.1")
+        if not 0.0 < self.impute_decoder_weight <= 1.0:
+            raise ConfigError(f"'impute_decoder_weight' must be in (0, 1]; got {self.impute_decoder_weight}",
+                              fix="use 1 for the decoder's share alone, or e.g. 0.7 (the default)")
         if not 0.0 <= self.autoencoder_input_dropout < 1.0:
             raise ConfigError(f"'autoencoder_input_dropout' must be in [0, 1); got {self.autoencoder_input_dropout}",
                               fix="use e.g. 0.25")
