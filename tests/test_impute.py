@@ -135,3 +135,23 @@ def test_the_evaluation_uses_the_imputer_default_and_refuses_a_bad_weight():
     assert EvaluateConfig().impute_decoder_weight == DECODER_SHARE_WEIGHT
     with pytest.raises(ConfigError, match="impute_decoder_weight"):
         EvaluateConfig(impute_decoder_weight=0.0).validate()
+
+
+def test_tempered_shares_known_answers():
+    """share ** w * prior ** (1 - w), renormalised over each cell's panel: w = 1 is the share; a
+    uniform share leaves the prior's proportions; equal share and prior are unchanged; a cell with
+    no panel gets zeros, not NaN."""
+    from spatia.train.impute import temper_shares
+
+    share = np.array([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])
+    prior = np.array([0.1, 0.2, 0.3, 0.4])
+    panel = np.array([[True, True, True, False], [True] * 4, [True] * 4, [False] * 4])
+    np.testing.assert_array_equal(temper_shares(share, prior, panel, 1.0), np.where(panel, share, 0.0))
+    out = temper_shares(share, prior, panel, 0.5)
+    np.testing.assert_allclose(out[:3].sum(axis=1), 1.0)
+    np.testing.assert_array_equal(out[3], 0.0)
+    assert out[0, 3] == 0.0                                   # off the panel
+    np.testing.assert_allclose(out[1], prior ** 0.5 / (prior ** 0.5).sum())   # uniform share: the prior's shape
+    np.testing.assert_allclose(out[2], prior)                 # share = prior: unchanged
+    first = np.sqrt(share[0, :3] * prior[:3])
+    np.testing.assert_allclose(out[0, :3], first / first.sum())

@@ -76,14 +76,16 @@ def train_gene_shares(dataset: str | Path, genes: int) -> np.ndarray:
 
 def temper_shares(share: np.ndarray, prior: np.ndarray, panel: np.ndarray, weight: float) -> np.ndarray:
     """`share ** weight * prior ** (1 - weight)` per cell (rows), renormalised over the cell's
-    panel (bool, the same shape as `share`); 0 off the panel. weight 1 returns `share` on the panel."""
+    panel (bool, the same shape as `share`); 0 off the panel and on a row with an empty panel.
+    weight 1 returns `share` on the panel."""
     if weight == 1.0:
         return np.where(panel, share, 0.0)
     log_share = weight * np.log(np.maximum(share, 1e-300)) + (1.0 - weight) * np.log(prior)[None, :]
     log_share = np.where(panel, log_share, -np.inf)
-    log_share -= log_share.max(axis=1, keepdims=True)
-    tempered = np.exp(log_share)
-    return tempered / tempered.sum(axis=1, keepdims=True)
+    top = log_share.max(axis=1, keepdims=True)
+    tempered = np.where(panel, np.exp(log_share - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    total = tempered.sum(axis=1, keepdims=True)
+    return np.divide(tempered, total, out=np.zeros_like(tempered), where=total > 0)
 
 
 class GeneDecoderImputer:
