@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from spatia.errors import InputDataError
+from spatia.errors import ConfigError, DatasetError, InputDataError
 from spatia.evaluate.tasks import hold_out_mask
 from spatia.mist import MultiScaleDataset, collate_multiscale
 from spatia.model import normalize_counts
@@ -123,12 +123,20 @@ def test_bad_input_is_refused(simulated_mist, simulated_checkpoint, cells, query
     with pytest.raises(InputDataError, match="not in the model's vocabulary"):
         GeneDecoderImputer.from_checkpoint(simulated_checkpoint, simulated_mist, ["NOT_A_GENE", *cells.var_names[:3]])
     for weight in (0.0, 1.5):
-        with pytest.raises(InputDataError, match="decoder_weight must lie in"):
+        with pytest.raises(ConfigError, match="decoder_weight must lie in"):
             GeneDecoderImputer.from_checkpoint(simulated_checkpoint, simulated_mist, cells.var_names, decoder_weight=weight)
 
 
+def test_the_prior_needs_train_cells(simulated_mist, monkeypatch):
+    from spatia.mist.datasets import CellDataset
+    from spatia.train.impute import train_gene_shares
+
+    monkeypatch.setattr(CellDataset, "__len__", lambda self: 0)
+    with pytest.raises(DatasetError, match="no train cells"):
+        train_gene_shares(simulated_mist, 10)
+
+
 def test_the_evaluation_uses_the_imputer_default_and_refuses_a_bad_weight():
-    from spatia.errors import ConfigError
     from spatia.evaluate import EvaluateConfig
     from spatia.train.impute import DECODER_SHARE_WEIGHT
 

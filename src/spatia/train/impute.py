@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from spatia.errors import InputDataError
+from spatia.errors import ConfigError, DatasetError, InputDataError
 from spatia.keys import LEVELS
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def train_gene_shares(dataset: str | Path, genes: int) -> np.ndarray:
 
     cells = CellDataset(dataset, split="train")
     if len(cells) == 0:
-        raise InputDataError("the dataset has no train cells to take the genes' average shares from",
+        raise DatasetError("the dataset has no train cells to take the genes' average shares from",
                              path=dataset, fix="impute with a dataset built with a train split")
     gene_counts = np.zeros(genes, dtype=np.float64)
     exposure = np.zeros(genes, dtype=np.float64)  # summed libraries of the cells measuring each gene
@@ -125,7 +125,7 @@ class GeneDecoderImputer:
                                  fix="impute on counts whose genes are the dataset's (the .h5ad of `spatia embed`)")
         self.gene_columns = np.asarray([vocabulary[g] for g in names], dtype=np.int64)
         if not 0.0 < decoder_weight <= 1.0:
-            raise InputDataError(f"decoder_weight must lie in (0, 1], not {decoder_weight}",
+            raise ConfigError(f"decoder_weight must lie in (0, 1], not {decoder_weight}",
                                  fix="use 1 for the decoder's share alone, or e.g. 0.7 (the default)")
         self.decoder_weight = float(decoder_weight)
         # in the model's vocabulary order, as the decoder's shares
