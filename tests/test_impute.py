@@ -124,7 +124,8 @@ def test_bad_input_is_refused(simulated_mist, simulated_checkpoint, cells, query
         GeneDecoderImputer.from_checkpoint(simulated_checkpoint, simulated_mist, ["NOT_A_GENE", *cells.var_names[:3]])
     for weight in (0.0, 1.5):
         with pytest.raises(ConfigError, match="decoder_weight must lie in"):
-            GeneDecoderImputer.from_checkpoint(simulated_checkpoint, simulated_mist, cells.var_names, decoder_weight=weight)
+            GeneDecoderImputer.from_checkpoint(simulated_checkpoint, simulated_mist, cells.var_names,
+                                               decoder_weight=weight)
 
 
 def test_the_prior_needs_train_cells(simulated_mist, monkeypatch):

@@ -153,7 +153,7 @@ class EvaluateConfig:
     patch_inputs: tuple[str, ...] = ("X_spatia_image_niche", "X_spatia_image", "niche_morphology")
     impute_fraction: float = 0.1
     impute_max_cells: int = 2000
-    impute_decoder_weight: float = 0.7  # = spatia.train.impute.DECODER_SHARE_WEIGHT (tested); a literal: no torch import
+    impute_decoder_weight: float = 0.7  # = impute.DECODER_SHARE_WEIGHT (tested); a literal: no torch import
     knn_k: int = 15
     knn_prior_cells: float = 15.0
     bootstrap_resamples: int = 1000
