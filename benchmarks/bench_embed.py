@@ -8,7 +8,9 @@ speed does not depend on the weights):
   decoding, collation, the forward, assembling the AnnData), without writing the file;
 - `model_cells_per_s`: `SpatiaModel.embed` alone on pre-collated batches (whole tissue regions);
 - `achieved_flops_per_s` / `fraction_of_peak`: embedding FLOPs (torch's FLOP counter) over the
-  model-only time, against the best matmul FLOP/s of this device measured in the same run.
+  model-only time, against the best matmul FLOP/s of this device measured in the same run;
+- `orientation_cost_ratio`: the model-only time with the config's `image.embed_orientations`
+  (8: the mean over the crop's eight orientations) over the time of one pass (1), same batches.
 
 Prints one JSON line. Target for tiny on the 2-core CPU: at least 200 cells/s end to end.
 
@@ -122,6 +124,14 @@ def main() -> None:
             model.embed(batch)
         _sync(device)
         model_seconds = time.perf_counter() - start
+        orientations = model.config.image.embed_orientations
+        model.config.image.embed_orientations = 1
+        start = time.perf_counter()
+        for batch in batches:
+            model.embed(batch)
+        _sync(device)
+        one_pass_seconds = time.perf_counter() - start
+        model.config.image.embed_orientations = orientations
     n_cells = sum(len(b["cell_id"]) for b in batches)
     use_peak = peak_bf16 if precision.startswith("bf16") and peak_bf16 else max(peak, matmul_peak(device, torch.float32))
     print(json.dumps({
@@ -135,6 +145,9 @@ def main() -> None:
         "seconds": round(end_to_end, 2),
         "cells_per_s": round(result.n_cells / end_to_end, 1),
         "model_seconds": round(model_seconds, 3),
+        "orientations": orientations,
+        "model_seconds_one_orientation": round(one_pass_seconds, 3),
+        "orientation_cost_ratio": round(model_seconds / one_pass_seconds, 2),
         "model_cells_per_s": round(n_cells / model_seconds, 1),
         "flops_per_cell": round(flops / n_cells),
         "achieved_flops_per_s": round(flops / model_seconds),

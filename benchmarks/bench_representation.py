@@ -86,6 +86,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for pretraining")
     parser.add_argument("--work", type=Path, default=None, help="keep intermediate files here (must not exist)")
     parser.add_argument("--report", type=Path, default=None, help="write the evaluation report here")
+    parser.add_argument("--cell-orientations", type=int, choices=(0, 1), default=None,
+                        help="train.cell_orientations: turn the training crops at random (default: the config's)")
+    parser.add_argument("--embed-orientations", type=int, default=None,
+                        help="image.embed_orientations used to embed (default: the checkpoint's)")
     parser.add_argument("--reuse-work", action="store_true",
                         help="re-embed and re-evaluate the dataset and checkpoint an earlier run left in --work")
     args = parser.parse_args()
@@ -137,15 +141,18 @@ def main() -> None:
             seconds["build"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            overrides = {k: v for k, v in (("max_steps", args.steps), ("lr", args.lr)) if v is not None} or None
+            overrides = {k: v for k, v in (("max_steps", args.steps), ("lr", args.lr)) if v is not None}
+            if args.cell_orientations is not None:
+                overrides["cell_orientations"] = bool(args.cell_orientations)
+            overrides = overrides or None
             run = pretrain(mist, work / "run", train_overrides=overrides, seed=args.seed, threads=args.threads,
                            progress_bar=False)
             seconds["train"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        both = embed_dataset(mist, run.last_checkpoint, work / "cells.h5ad", progress_bar=False)
-        image = embed_dataset(mist, run.last_checkpoint, None, modality="image", progress_bar=False)
-        gene = embed_dataset(mist, run.last_checkpoint, None, modality="gene", progress_bar=False)
+        both, image, gene = (embed_dataset(mist, run.last_checkpoint, out, modality=modality, progress_bar=False,
+                                           orientations=args.embed_orientations)
+                             for out, modality in ((work / "cells.h5ad", "both"), (None, "image"), (None, "gene")))
         adata = both.adata
         add_image_only_embeddings(adata, image.adata)  # X_spatia_image and its cell and niche levels
         add_modality_embedding(adata, gene.adata, "X_spatia_gene")
@@ -179,6 +186,8 @@ def main() -> None:
         "labels": {c: v["n_labels"] for c, v in results["labels"].items()},
         "split": {k: results["split"][k] for k in ("source", "n_train", "n_test", "n_buffer")},
         "steps": run.global_step,
+        "embed_orientations": args.embed_orientations,
+        "cell_orientations": args.cell_orientations,
         "seed": args.seed,
         "eval_seeds": results["seeds"],
         "seconds": {k: round(v, 1) for k, v in seconds.items()},

@@ -114,6 +114,23 @@ def test_modalities_and_splits(simulated_mist, checkpoint, embedded):
         embed_dataset(simulated_mist, checkpoint, splits=["holdout"], progress_bar=False)
 
 
+def test_orientations_average_and_are_recorded(simulated_mist, checkpoint, embedded):
+    _, eight = embedded
+    assert eight.adata.uns["spatia"]["orientations"] == 8  # the checkpoint's default
+    one = embed_dataset(simulated_mist, checkpoint, orientations=1, splits=["val"], threads=1,
+                        progress_bar=False).adata
+    assert one.uns["spatia"]["orientations"] == 1
+    rows = eight.adata.obs_names.get_indexer(one.obs_names)
+    # the crop as is differs from the mean over its eight orientations, but not by much
+    difference = np.abs(one.obsm["X_spatia"] - eight.adata.obsm["X_spatia"][rows]).max()
+    assert 1e-5 < difference < np.abs(one.obsm["X_spatia"]).max()
+    gene = embed_dataset(simulated_mist, checkpoint, modality="gene", splits=["val"], threads=1,
+                         progress_bar=False).adata
+    assert gene.uns["spatia"]["orientations"] == 1  # no image, nothing to turn
+    with pytest.raises(ConfigError, match="orientations"):
+        embed_dataset(simulated_mist, checkpoint, orientations=4, progress_bar=False)
+
+
 def test_cell_stage_checkpoint_gives_cell_level_keys(simulated_mist, tmp_path):
     run = pretrain(simulated_mist, tmp_path / "cell", stage="cell", train_overrides=dict(RUN, max_steps=1), threads=1,
                    progress_bar=False)
@@ -145,12 +162,14 @@ def test_cli_pretrain_then_embed(simulated_mist, tmp_path):
 
     out = tmp_path / "emb" / "cells.h5ad"
     result = runner.invoke(app, ["embed", str(simulated_mist), "-c", str(run / "checkpoints" / "last.ckpt"), "-o", str(out),
-                                 "--split", "test", "--threads", "1", "--quiet"])
+                                 "--split", "test", "--threads", "1", "--orientations", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     adata = anndata.read_h5ad(out)
     assert set(adata.obs["split"]) == {"test"} and "X_spatia_cell" in adata.obsm
+    assert adata.uns["spatia"]["orientations"] == 1
     record = json.loads((out.parent / "cells.spatia_run.json").read_text())
     assert record["command"] == "embed" and record["results"]["cells"] == adata.n_obs
+    assert record["config"]["orientations"] == 1
     assert record["config"]["splits"] == ["test"] and record["inputs"]["checkpoint"] == str((run / "checkpoints" / "last.ckpt").resolve())
     result = runner.invoke(app, ["embed", str(simulated_mist), "-c", str(run / "checkpoints" / "last.ckpt"), "-o", str(out)])
     assert result.exit_code == 2 and "already exists" in result.output

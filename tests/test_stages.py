@@ -18,6 +18,9 @@ def test_stage_configs_load_through_the_one_loader(tmp_path):
     assert config == stages.EmbedConfig(modality="image", splits=("test",), batch_cells=64)
     with pytest.raises(ConfigError, match="'modality' must be one of"):
         load_config(stages.EmbedConfig, {"modality": "rna"})
+    with pytest.raises(ConfigError, match="'orientations' must be one of"):
+        load_config(stages.EmbedConfig, {"orientations": 3})
+    assert load_config(stages.EmbedConfig, {"orientations": 1}).orientations == 1
     with pytest.raises(ConfigError, match="devices 'x' is not a device count"):
         load_config(stages.PretrainConfig, overrides={"devices": "x"})
     with pytest.raises(ConfigError, match="'num_nodes' must be at least 1"):

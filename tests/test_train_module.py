@@ -151,3 +151,36 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
     assert id(module.model.gene_encoder.embedding.weight) not in decay
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert trained == {id(p) for p in module.model.parameters() if p.requires_grad}  # frozen groups left out
+
+
+@pytest.mark.parametrize("turn", [True, False])
+def test_the_training_step_turns_the_cell_crops_when_configured(turn):
+    """`train.cell_orientations`: the model sees each crop (and its mask, the same way) in one of its
+    eight orientations, drawn from the step's seed; niche and tissue images as they are."""
+    from spatia.model.dihedral import orient
+
+    config = _config(cell_orientations=turn)
+    module = SpatiaPretrainModule(config, synthetic_gene_symbols(40), stage="joint", seed=4)
+    batch = synthetic_batch(config, BatchSizes(n_tissues=1, cells_per_tissue=16, n_genes=40), seed=3)
+    seen = []
+    forward = module.model.forward
+
+    def spy(b, **kwargs):
+        seen.append(b)
+        return forward(b, **kwargs)
+
+    module.model.forward = spy
+    module.log = lambda *args, **kwargs: None
+    module.lr_schedulers = lambda: None
+    images = batch["cell_image"].clone()
+    module.training_step(dict(batch), 0)
+    module.training_step(dict(batch), 0)  # the same step again: the same draws
+    first, again = seen
+    assert torch.equal(first["cell_image"], again["cell_image"])
+    assert torch.equal(batch["cell_image"], images)  # the caller's batch is not changed
+    assert first["niche_image"] is batch["niche_image"]
+    codes = [next(c for c in range(8) if torch.equal(first["cell_image"][i], orient(images[i], c)))
+             for i in range(len(images))]
+    for i, code in enumerate(codes):
+        assert torch.equal(first["cell_mask"][i], orient(batch["cell_mask"][i], code))
+    assert (len(set(codes)) > 1) == turn and (set(codes) == {0}) == (not turn)

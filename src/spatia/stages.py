@@ -207,9 +207,17 @@ class EmbedConfig:
     workers: int = 0
     threads: int | None = None
     progress_bar: bool = True
+    # orientations of each cell crop the embedding averages over: 1 or 8; null: the checkpoint's
+    # image.embed_orientations (8 by default; docs/model.md)
+    orientations: int | None = None
 
     def validate(self) -> None:
+        from spatia.model.config import EMBED_ORIENTATION_CHOICES  # imports torch: not at the CLI's start
+
         parse_devices(self.devices)
+        if self.orientations is not None and self.orientations not in EMBED_ORIENTATION_CHOICES:
+            raise ConfigError(f"'orientations' must be one of {EMBED_ORIENTATION_CHOICES} or null, not "
+                              f"{self.orientations}", fix="use 8 (every orientation of the crop), 1 (as is) or null")
         if self.batch_cells < 1:
             raise ConfigError(f"'batch_cells' must be at least 1, not {self.batch_cells}", fix="use e.g. 512")
         if self.workers < 0:
@@ -260,6 +268,7 @@ def embed(dataset: str | Path, checkpoint: str | Path, out: str | Path, config: 
         batch_cells=config.batch_cells, devices=parse_devices(config.devices), num_nodes=config.num_nodes,
         accelerator=config.accelerator, precision=config.precision, start_method="popen",
         num_workers=config.workers, threads=config.threads, progress_bar=config.progress_bar,
+        orientations=config.orientations,
     )
     figures = {"cells": result.n_cells, "obsm": list(result.obsm_keys), "seconds": round(result.seconds, 2),
                "cells_per_second": round(result.cells_per_second, 1),

@@ -111,6 +111,9 @@ def embed_command(
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16-mixed on GPU, 32-true on CPU) or a Lightning precision.")] = "auto",
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes per device.")] = 0,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads per process.")] = None,
+    orientations: Annotated[int | None, typer.Option(
+        "--orientations", help="Average over this many orientations of each cell crop: 8 or 1 (as is, faster); "
+        "default: the checkpoint's (8).")] = None,
     seed: SeedOption = 0,
     quiet: QuietOption = False,
 ) -> None:
@@ -127,7 +130,7 @@ def embed_command(
     config = load_config(stages.EmbedConfig, overrides={
         "modality": modality, "splits": tuple(split) if split else None, "batch_cells": batch_cells,
         "devices": devices, "num_nodes": num_nodes, "accelerator": accelerator, "precision": precision,
-        "workers": workers, "threads": threads, "progress_bar": not quiet})
+        "workers": workers, "threads": threads, "progress_bar": not quiet, "orientations": orientations})
     result = stages.embed(dataset, checkpoint, out, config, seed=seed)
     if result.path is None:  # another DDP rank: the first one writes
         return

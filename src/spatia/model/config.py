@@ -40,6 +40,9 @@ class ImageConfig:
     layer_norm_eps: float = 1e-12   # ViTMAE's value, so pretrained weights behave as trained
     mask_ratio: float = 0.75        # MAE: fraction of patches hidden from the encoder
     share_encoder: bool = False     # one ViT for all three levels instead of one per level
+    # embeddings are the mean over this many orientations of the cell crop: 1 (as is) or 8 (every
+    # rotation by 90 degrees and its mirror image; spatia.model.dihedral, docs/model.md)
+    embed_orientations: int = 8
     # encoder input and MAE targets = (pixels - mean) / std; null: measured on the dataset's
     # train cell crops when pretraining starts (`spatia.train.data.dataset_statistics`)
     pixel_mean: float | None = None
@@ -49,6 +52,13 @@ class ImageConfig:
         """(mean, std) the pixels are standardised with; (0, 1) while not yet measured."""
         return (0.0 if self.pixel_mean is None else self.pixel_mean,
                 1.0 if self.pixel_std is None else self.pixel_std)
+
+
+ORIENTATIONS = 8
+"""Orientations of a square crop: the dihedral group's rotations by 90 degrees and mirror images."""
+
+EMBED_ORIENTATION_CHOICES = (1, ORIENTATIONS)
+"""`image.embed_orientations` values: 1 (the crop as is) or all eight orientations."""
 
 
 UNMEASURED_TARGET_SUM = 10000.0
@@ -201,6 +211,9 @@ class TrainConfig:
     log_every_n_steps: int = 10
     num_workers: int = 0            # DataLoader worker processes per training process
     precision: str = "auto"         # auto: bf16-mixed on CUDA, 32-true on CPU; or any Lightning value
+    # each step shows every cell crop (and its mask) in a random one of its 8 orientations
+    # (rotations by 90 degrees, mirror images; spatia.model.dihedral, docs/model.md)
+    cell_orientations: bool = True
 
 
 @dataclass
@@ -359,6 +372,9 @@ def validate_config(config: SpatiaConfig, *, source: str = "<config>") -> None:
     ratio("image.mask_ratio", im.mask_ratio)
     ratio("gene.mask_ratio", config.gene.mask_ratio)
     positive("image.channels", im.channels)
+    if im.embed_orientations not in EMBED_ORIENTATION_CHOICES:
+        fail("image.embed_orientations", f"must be one of {EMBED_ORIENTATION_CHOICES}, not {im.embed_orientations}",
+             f"set it to {ORIENTATIONS} (every orientation of the crop) or 1 (the crop as is)")
     if im.pixel_std is not None:
         positive("image.pixel_std", im.pixel_std)
     if config.gene.max_tokens is not None:

@@ -18,6 +18,7 @@ from spatia.keys import LEVELS
 from spatia.model.config import SpatiaConfig, validate_config
 from spatia.model.batch import LEVEL_KEYS, MultiScaleBatch, counts_key, image_key, measured_key
 from spatia.model.decoders import GeneDecoder, ImageDecoder, gene_loss, image_loss
+from spatia.model.dihedral import oriented
 from spatia.model.fusion import CellFusion, FinalFusion
 from spatia.model.gene import GeneEncoder, normalize_counts, read_gene_table, select_genes, split_masked
 from spatia.model.image import ImageEncoder, load_vitmae_weights, random_patch_mask
@@ -72,6 +73,17 @@ class SpatiaOutput:
     tissue_embeddings: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     reconstructions: dict[str, LevelReconstruction] = field(default_factory=dict)
+
+
+EMBEDDING_FIELDS = ("z", "z_cell", "z_niche", "z_tissue", "niche_embeddings", "niche_tissue_embeddings",
+                    "tissue_embeddings")
+
+
+def mean_output(outputs: Sequence[SpatiaOutput]) -> SpatiaOutput:
+    """The element-wise mean of the embeddings of several passes over the same batch (no losses)."""
+    return SpatiaOutput(**{name: None if getattr(outputs[0], name) is None else
+                           torch.stack([getattr(out, name) for out in outputs]).mean(dim=0)
+                           for name in EMBEDDING_FIELDS})
 
 
 def check_levels(levels: Sequence[str]) -> tuple[str, ...]:
@@ -235,7 +247,7 @@ class SpatiaModel(nn.Module):
 
     def forward(self, batch: MultiScaleBatch, *, mask_image: bool = True, mask_genes: bool = True,
                 modality: str = "both", levels: Sequence[str] = LEVELS, compute_losses: bool = True,
-                generator: torch.Generator | None = None) -> SpatiaOutput:
+                generator: torch.Generator | None = None, reuse: dict | None = None) -> SpatiaOutput:
         """Embed a batch and (by default) compute the self-supervised losses.
 
         mask_image: MAE masking of `image.mask_ratio` of the patches at every level.
@@ -248,6 +260,10 @@ class SpatiaModel(nn.Module):
             see only their CLS token; every patch is a target).
         levels: ("cell",), ("cell", "niche") or ("cell", "niche", "tissue") - the stage.
         generator: the source of every random draw (masks, gene sampling), for reproducibility.
+        reuse: a dict kept across passes over the same batch that differ only in the cell crops'
+            orientation (`embed`): the gene tokens, the crops' morphometry measures (the same in
+            every orientation) and the niche and tissue images are computed in the first pass
+            and read back in the others. Only for passes without masking.
         """
         levels = check_levels(levels)
         if modality not in MODALITIES:
@@ -258,18 +274,32 @@ class SpatiaModel(nn.Module):
         image_ratio = (cfg.image.mask_ratio if mask_image else 0.0) if use_image else 1.0
         gene_ratio = (cfg.gene.mask_ratio if mask_genes else 0.0) if use_genes else 1.0
 
+        if reuse is not None and (mask_image or mask_genes):
+            raise ValueError("reuse is for passes without masking (embed)")
+
+        def reused(key: str, compute):
+            if reuse is None:
+                return compute()
+            if key not in reuse:
+                reuse[key] = compute()
+            return reuse[key]
+
         # ---- cell level: image tokens (queries) x gene tokens (keys/values)
         cell = self._encode_images("cell", batch["cell_image"], image_ratio, generator)
-        measured = batch["cell_gene_measured"].bool()
-        values = normalize_counts(batch["cell_counts"], measured, cfg.gene.library_target())
-        selection = select_genes(values, measured, cfg.gene.max_tokens, randomize=mask_genes,
-                                 zero_priority=self.gene_encoder.zero_priority, generator=generator)
-        withhold = None
-        if mask_genes and use_genes and cfg.gene.withhold_ratio > 0:
-            draw = torch.rand(values.shape[0], device=values.device, generator=generator)
-            withhold = draw < cfg.gene.withhold_ratio
-        kept, _ = split_masked(selection, gene_ratio, withhold=withhold, generator=generator)
-        genes = self.gene_encoder(kept.index, kept.take(values), kept.valid)
+
+        def encode_genes():
+            measured = batch["cell_gene_measured"].bool()
+            values = normalize_counts(batch["cell_counts"], measured, cfg.gene.library_target())
+            selection = select_genes(values, measured, cfg.gene.max_tokens, randomize=mask_genes,
+                                     zero_priority=self.gene_encoder.zero_priority, generator=generator)
+            withhold = None
+            if mask_genes and use_genes and cfg.gene.withhold_ratio > 0:
+                draw = torch.rand(values.shape[0], device=values.device, generator=generator)
+                withhold = draw < cfg.gene.withhold_ratio
+            kept, _ = split_masked(selection, gene_ratio, withhold=withhold, generator=generator)
+            return self.gene_encoder(kept.index, kept.take(values), kept.valid)
+
+        genes = reused("genes", encode_genes)
         gene_tokens, gene_valid = genes.tokens, genes.valid
         # the profile embedding before attention (validated: gene.profile_token), 0 without genes
         summary = genes.profile if cfg.fusion.gene_residual else None
@@ -277,7 +307,7 @@ class SpatiaModel(nn.Module):
         morphometry_loss = compute_losses and self.morphometry_head is not None and use_image and "cell_mask" in batch
         measures = None
         if use_image and (cfg.fusion.morphometry_residual or morphometry_loss):
-            measures = self._cell_measures(batch)
+            measures = reused("measures", lambda: self._cell_measures(batch))  # the same in every orientation
         fused, z_cell = self.cell_fusion(cell["tokens"], gene_tokens, gene_valid, summary,
                                          measures if cfg.fusion.morphometry_residual else None)
 
@@ -286,11 +316,12 @@ class SpatiaModel(nn.Module):
         niche = tissue = None
         if "niche" in levels:
             cell_niche = batch["cell_niche_index"]
-            niche = self._encode_images("niche", batch["niche_image"], image_ratio, generator)
+            niche = reused("niche", lambda: self._encode_images("niche", batch["niche_image"], image_ratio, generator))
             niche_z, _ = self.niche_attention(z_cell, cell_niche, niche["tokens"])
             z_niche = niche_z[cell_niche]
         if "tissue" in levels:
-            tissue = self._encode_images("tissue", batch["tissue_image"], image_ratio, generator)
+            tissue = reused("tissue", lambda: self._encode_images("tissue", batch["tissue_image"], image_ratio,
+                                                                  generator))
             niche_tz, tissue_z = self.tissue_transformer(
                 niche_z, batch["tissue_niche_index"], batch["niche_tissue_index"], tissue["tokens"])
             z_tissue = niche_tz[batch["cell_niche_index"]]
@@ -364,13 +395,20 @@ class SpatiaModel(nn.Module):
               levels: Sequence[str] = LEVELS) -> SpatiaOutput:
         """Embeddings without masking, dropout or losses (deterministic gene-token choice).
 
+        With `image.embed_orientations` 8 (and images used) every output is the mean over the
+        eight orientations of the cell crop (`spatia.model.dihedral`); niche and tissue images
+        keep theirs.
+
         The module is put in eval mode for the call and restored afterwards.
         """
         was_training = self.training
         self.eval()
         try:
-            return self.forward(batch, mask_image=False, mask_genes=False, modality=modality, levels=levels,
-                                compute_losses=False)
+            views = self.config.image.embed_orientations if modality != "gene" else 1
+            reuse: dict = {}  # genes, niche and tissue images: encoded once for every orientation
+            outs = [self.forward(oriented(batch, code), mask_image=False, mask_genes=False, modality=modality,
+                                 levels=levels, compute_losses=False, reuse=reuse) for code in range(views)]
         finally:
             self.train(was_training)
+        return outs[0] if len(outs) == 1 else mean_output(outs)
 

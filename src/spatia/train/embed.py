@@ -61,6 +61,7 @@ from spatia.keys import (
     UNS_KEY,
 )
 from spatia.model import MODALITIES
+from spatia.model.config import EMBED_ORIENTATION_CHOICES
 from spatia.train.embed_rows import (
     h5ad_ready,
     output_cell_names,
@@ -195,6 +196,7 @@ def embed_dataset(
     num_workers: int = 0,
     threads: int | None = None,
     progress_bar: bool = True,
+    orientations: int | None = None,
 ) -> EmbedResult:
     """Embed the cells of `splits` (default: all) of a MIST dataset with a trained checkpoint.
 
@@ -213,6 +215,8 @@ def embed_dataset(
             processes each embeds a share of the batches and the first assembles the AnnData.
         num_workers: DataLoader worker processes per process.
         threads: torch intra-op threads per process.
+        orientations: orientations of each cell crop the embedding is averaged over, 1 (the crop
+            as is, 8x less image work) or 8; None: the checkpoint's `image.embed_orientations`.
 
     Returns:
         `EmbedResult`; `adata` and `path` are None on processes other than the first.
@@ -221,6 +225,7 @@ def embed_dataset(
 
     model, info = load_model(checkpoint)
     return embed_model(dataset, model, out, levels=info.levels, modality=modality, splits=splits,
+                       orientations=orientations,
                        batch_cells=batch_cells, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
                        precision=precision, start_method=start_method, num_workers=num_workers, threads=threads,
                        progress_bar=progress_bar, provenance={
@@ -246,9 +251,11 @@ def embed_model(
     threads: int | None = None,
     progress_bar: bool = True,
     provenance: dict[str, Any] | None = None,
+    orientations: int | None = None,
 ) -> EmbedResult:
     """`embed_dataset` for a `SpatiaModel` in memory (e.g. an untrained baseline); `levels` are
-    the levels to run and `provenance` extra entries for `uns["spatia"]`."""
+    the levels to run and `provenance` extra entries for `uns["spatia"]`. `orientations` sets
+    the model's `image.embed_orientations` for this and later calls (None: leave it)."""
     from spatia import __version__
     from spatia.mist.datasets import MultiScaleDataset
     from spatia.model import check_levels
@@ -280,6 +287,11 @@ def embed_model(
         torch.set_num_threads(int(threads))
 
     levels = check_levels(levels)
+    if orientations is not None:
+        if orientations not in EMBED_ORIENTATION_CHOICES:
+            raise ConfigError(f"orientations must be one of {EMBED_ORIENTATION_CHOICES}, not {orientations}",
+                              fix=f"use {EMBED_ORIENTATION_CHOICES[-1]} (every orientation of the crop) or 1 (as is)")
+        model.config.image.embed_orientations = int(orientations)
     context = MultiScaleDataset(dataset, split=None)
     source = Path((provenance or {}).get("checkpoint", "<model in memory>"))
     check_vocabulary(list(model.gene_symbols), context.genes, checkpoint=source, dataset=dataset)
@@ -412,6 +424,7 @@ def _assemble(parts: list[dict[str, Any]], context, config, levels, provenance: 
         "config_name": config.name,
         "config_yaml": config.to_yaml(),
         "modality": modality,
+        "orientations": int(config.image.embed_orientations) if modality != "gene" else 1,
         "levels": list(levels),
         "splits": list(splits) if splits else ["all"],
         "embedding_keys": [k for k in EMBEDDING_KEYS_OF_MODALITY[modality].values() if k in adata.obsm],

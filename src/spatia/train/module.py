@@ -14,9 +14,12 @@ niche and tissue levels, then joint fine-tuning over localised batches.
 the weighted sum of the image and gene losses of the levels that run (`loss.*` in the config).
 Frozen modules get no gradient and stay in eval mode (no dropout).
 
+With `train.cell_orientations` every training step shows each cell crop and its mask in a
+random one of the square's eight orientations (`spatia.model.dihedral`).
+
 Randomness is a pure function of (seed, global step, rank): every training step reseeds the
-masking generator and torch's global RNG (dropout), so a resumed run draws exactly what the
-uninterrupted run would have drawn. Validation uses fixed draws (seed, batch index).
+masking and orientation generators and torch's global RNG (dropout), so a resumed run draws
+exactly what the uninterrupted run would have drawn. Validation uses fixed draws (seed, batch index).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import nn
 
 from spatia.errors import ConfigError
 from spatia.model import LEVELS, SpatiaConfig, SpatiaModel
+from spatia.model.dihedral import random_orientations
 from spatia.train.data import BatchPosition
 
 CHECKPOINT_KEY = "spatia"
@@ -185,6 +189,8 @@ class SpatiaPretrainModule(L.LightningModule):
         position = batch.pop("batch_position", None)
         seed = step_seed(self.seed, self.global_step, self.global_rank)
         torch.manual_seed(seed ^ 0x5EED)
+        if self.config.train.cell_orientations:
+            batch = random_orientations(batch, self._generator(seed ^ 0xD4))
         out = self.model(batch, levels=self.stage.levels, generator=self._generator(seed))
         n_cells = len(batch["cell_id"])
         for key, value in out.losses.items():
