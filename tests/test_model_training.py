@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,9 +72,13 @@ def test_flops_per_batch():
     config = load_config("tiny")
     sizes = BatchSizes(n_tissues=1, cells_per_tissue=32, n_genes=60)
     train = flops_per_batch(config, sizes)
-    embed = flops_per_batch(config, sizes, backward=False)
+    embed = flops_per_batch(config, sizes, backward=False)  # the mean over the crop's 8 orientations
+    one_pass = dataclasses.replace(config, image=dataclasses.replace(config.image, embed_orientations=1))
+    embed_one = flops_per_batch(one_pass, sizes, backward=False)
     cell_only = flops_per_batch(config, sizes, levels=("cell",))
-    assert 0 < cell_only < train and 0 < embed < train
+    assert 0 < cell_only < train and 0 < embed_one < train
+    # genes, measures, niche and tissue images are encoded once: eight orientations cost less than 8x
+    assert embed_one < embed < 8 * embed_one
     batch = synthetic_batch(config, sizes)
     model = SpatiaModel(config, synthetic_gene_symbols(60))
     assert flops_per_batch(config, model=model, batch=batch) == flops_per_batch(config, model=model, batch=batch)
