@@ -74,9 +74,13 @@ def simulated_mist(simulated_bundle: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def simulated_checkpoint(simulated_mist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-step joint (all levels) tiny pretraining checkpoint on `simulated_mist`: plumbing,
-    not learning (tests of learning train their own)."""
+    not learning (tests of learning train their own). It embeds each crop in one orientation
+    (`helpers.plumbing_config`); pass `orientations=8` to embed over the eight."""
+    from helpers import plumbing_config
+
     from spatia.train import pretrain
 
     out = tmp_path_factory.mktemp("simulated_checkpoint") / "joint"
     overrides = dict(cells_per_tissue=8, max_steps=2, val_batches=0, log_every_n_steps=1, checkpoint_every_n_steps=1)
-    return pretrain(simulated_mist, out, train_overrides=overrides, threads=1, progress_bar=False).last_checkpoint
+    return pretrain(simulated_mist, out, config=plumbing_config(), train_overrides=overrides, threads=1,
+                    progress_bar=False).last_checkpoint

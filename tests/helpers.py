@@ -19,6 +19,16 @@ import scipy.sparse as sp
 import tifffile
 
 from spatia.mist import decode_record
+from spatia.model.config import SpatiaConfig, load_config
+
+
+def plumbing_config(name: str = "tiny") -> SpatiaConfig:
+    """A packaged config that embeds each cell crop as is (`image.embed_orientations` 1), for
+    tests of plumbing: the default mean over the crop's eight orientations costs about 3x the
+    embedding time, and tests/test_model_dihedral.py and test_embed.py test it on its own."""
+    config = load_config(name)
+    config.image.embed_orientations = 1
+    return config
 
 
 def copy_bundle(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:

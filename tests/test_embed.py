@@ -115,15 +115,16 @@ def test_modalities_and_splits(simulated_mist, checkpoint, embedded):
 
 
 def test_orientations_average_and_are_recorded(simulated_mist, checkpoint, embedded):
-    _, eight = embedded
-    assert eight.adata.uns["spatia"]["orientations"] == 8  # the checkpoint's default
-    one = embed_dataset(simulated_mist, checkpoint, orientations=1, splits=["val"], threads=1,
-                        progress_bar=False).adata
-    assert one.uns["spatia"]["orientations"] == 1
-    rows = eight.adata.obs_names.get_indexer(one.obs_names)
+    _, one = embedded
+    assert one.adata.uns["spatia"]["orientations"] == 1  # the checkpoint's (helpers.plumbing_config)
+    assert load_model(checkpoint)[1].config.image.embed_orientations == 1
+    eight = embed_dataset(simulated_mist, checkpoint, orientations=8, splits=["val"], threads=1,
+                          progress_bar=False).adata
+    assert eight.uns["spatia"]["orientations"] == 8
+    rows = one.adata.obs_names.get_indexer(eight.obs_names)
     # the crop as is differs from the mean over its eight orientations, but not by much
-    difference = np.abs(one.obsm["X_spatia"] - eight.adata.obsm["X_spatia"][rows]).max()
-    assert 1e-5 < difference < np.abs(one.obsm["X_spatia"]).max()
+    difference = np.abs(one.adata.obsm["X_spatia"][rows] - eight.obsm["X_spatia"]).max()
+    assert 1e-5 < difference < np.abs(eight.obsm["X_spatia"]).max()
     gene = embed_dataset(simulated_mist, checkpoint, modality="gene", splits=["val"], threads=1,
                          progress_bar=False).adata
     assert gene.uns["spatia"]["orientations"] == 1  # no image, nothing to turn

@@ -126,7 +126,9 @@ def test_embed_orientations_must_be_one_or_eight():
     with pytest.raises(ConfigError, match="embed_orientations"):
         config_from_dict({"image": {"embed_orientations": 4}})
     assert config_from_dict({"image": {"embed_orientations": 1}}).image.embed_orientations == 1
-    assert load_config("tiny").train.cell_orientations is True
+    for name in ("tiny", "base"):  # the defaults users get (plumbing tests embed with one: helpers.plumbing_config)
+        assert load_config(name).train.cell_orientations is True
+        assert load_config(name).image.embed_orientations == 8
 
 
 def test_reuse_is_refused_for_masked_passes(model, batch):

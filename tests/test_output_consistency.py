@@ -11,7 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import write_10x_h5
+from helpers import plumbing_config, write_10x_h5
 
 from spatia.errors import InputDataError
 from spatia.keys import EMBEDDED_FLAG, EMBEDDING_KEYS_OF_MODALITY, SKIP_REASON
@@ -46,9 +46,9 @@ def run(tmp_path_factory):
 
     mist = root / "mist"
     build_dataset([bundle], mist, BuildConfig.cpu(), seed=0)
-    checkpoint = pretrain(mist, root / "run", train_overrides=dict(cells_per_tissue=8, max_steps=1, val_batches=0,
-                                                                   log_every_n_steps=1, checkpoint_every_n_steps=1),
-                          threads=1, progress_bar=False).last_checkpoint
+    overrides = dict(cells_per_tissue=8, max_steps=1, val_batches=0, log_every_n_steps=1, checkpoint_every_n_steps=1)
+    checkpoint = pretrain(mist, root / "run", config=plumbing_config(), train_overrides=overrides, threads=1,
+                          progress_bar=False).last_checkpoint
     _, cells = annotated_anndata(bundle)
     cells.write_h5ad(root / "cells.h5ad")
     paths = {"bundle": bundle, "mist": mist, "checkpoint": checkpoint, "cells": root / "cells.h5ad", "ids": cell_ids}

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import Interrupted, stop_at_step
+from helpers import Interrupted, plumbing_config, stop_at_step
 from spatia.errors import ConfigError, DatasetError, OutputExistsError, OutputWriteError
 from spatia.mist import BuildConfig, build_dataset
 from spatia.model import load_config
@@ -268,7 +268,7 @@ def test_a_model_with_the_gene_query_trains_saves_and_embeds(dataset, tmp_path):
     gene query, saves it with the weights and embeds with it."""
     from spatia.train.embed import embed_model
 
-    tiny = load_config("tiny")
+    tiny = plumbing_config()
     config = dataclasses.replace(tiny, fusion=dataclasses.replace(tiny.fusion, image_query_weight=0.4))
     out = tmp_path / "run"
     _run(dataset, out, config=config, train_overrides=dict(FAST, max_steps=3))
